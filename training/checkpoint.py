@@ -1,0 +1,63 @@
+"""Self-describing checkpoints: plain tensors and dicts, written atomically, read with weights_only=True.
+
+A checkpoint from the internet must never be able to run code, so :func:`load_checkpoint` always uses
+``torch.load(weights_only=True)``; everything saved must therefore be tensors, numbers, strings, lists,
+tuples, dicts or None (no numpy arrays, no pickled classes).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.cli import UserError
+
+FORMAT = "busdiff-checkpoint-v1"
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """``torch.save`` to a temp file in the same folder, then an atomic rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, **payload}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path, expect_kind: str | None = None) -> dict[str, Any]:
+    """Load a checkpoint on the CPU with ``weights_only=True``; one clear UserError on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt file, truncated write, or something that needs unpickling code
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path}: cannot be read as a safe (weights_only) checkpoint: {first[:200]}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise UserError(f"{path}: not a checkpoint written by this project (no '{FORMAT}' marker)")
+    if expect_kind is not None and payload.get("kind") != expect_kind:
+        raise UserError(f"{path}: is a {payload.get('kind')!r} checkpoint, expected {expect_kind!r}")
+    return payload
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,48 @@
+"""Exponential moving average of a model's weights, kept as a named module (so its state_dict is the
+model's own and a checkpoint's EMA weights load straight into a fresh model).
+
+With ``warmup`` the effective decay is ``min(decay, (1 + n) / (10 + n))`` after n updates, so short runs
+(and the first thousands of steps of long ones) are not dominated by the random initialisation.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class EMA:
+    def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = True):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = float(decay)
+        self.warmup = bool(warmup)
+        self.num_updates = 0
+
+    def current_decay(self) -> float:
+        if not self.warmup:
+            return self.decay
+        n = self.num_updates
+        return min(self.decay, (1.0 + n) / (10.0 + n))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        decay = self.current_decay()
+        ema_params = list(self.module.parameters())
+        params = [p.detach() for p in model.parameters()]
+        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        for ema_buf, buf in zip(self.module.buffers(), model.buffers()):
+            ema_buf.copy_(buf)
+        self.num_updates += 1
+
+    def state_dict(self) -> dict:
+        return {"module": self.module.state_dict(), "num_updates": self.num_updates, "decay": self.decay,
+                "warmup": self.warmup}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["module"])
+        self.num_updates = int(state["num_updates"])
+        self.decay = float(state["decay"])
+        self.warmup = bool(state["warmup"])
