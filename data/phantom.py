@@ -77,16 +77,17 @@ def case_rng(seed: int, label: str, number: int) -> np.random.Generator:
 
 
 def class_counts(n_cases: int, ratio=BUSI_RATIO) -> dict[str, int]:
-    """Split ``n_cases`` by ``ratio`` (largest remainder); every class gets >= 1 case when ``n_cases >= 3``."""
+    """Split ``n_cases`` by ``ratio`` (largest remainder); each class with a non-zero ratio gets >= 1 case when
+    ``n_cases`` allows (so every class when ``n_cases >= 3`` with BUSI's ratio)."""
     if n_cases < 0 or len(ratio) != 3 or min(ratio) < 0 or sum(ratio) <= 0:
         raise ValueError(f"need n_cases >= 0 and three non-negative ratio parts, got {n_cases}, {ratio}")
     exact = [n_cases * r / sum(ratio) for r in ratio]
     counts = [int(e) for e in exact]
     for i in sorted(range(3), key=lambda i: (counts[i] - exact[i], i))[: n_cases - sum(counts)]:
         counts[i] += 1
-    if n_cases >= 3:
+    if n_cases >= sum(r > 0 for r in ratio):
         for i in range(3):
-            while counts[i] == 0:
+            while counts[i] == 0 and ratio[i] > 0:
                 counts[int(np.argmax(counts))] -= 1
                 counts[i] += 1
     return dict(zip(CLASSES, counts))
@@ -367,9 +368,9 @@ _PROBES = ("L12-5", "L14-5", "ML6-15", "L11-3", "14L5", "L12-3", "LA523", "9L4",
 _VIEWS = ("RAD", "ARAD", "TRANS", "SAG", "LONG", "OBL")
 
 
-def _texts(rng):
+def _texts(rng, depth_cm):
     side = rng.choice(["RT", "LT", "RIGHT", "LEFT"])
-    lines = [str(rng.choice(_PROBES)), f"{rng.uniform(7, 15):.1f}MHz", f"D {rng.uniform(2.5, 5.5):.1f}cm",
+    lines = [str(rng.choice(_PROBES)), f"{rng.uniform(7, 15):.1f}MHz", f"D {depth_cm:.1f}cm",
              f"G{rng.integers(40, 80)}", f"DR{rng.integers(50, 80)}", f"FR {rng.integers(10, 40)}Hz",
              f"{side} BREAST", f"{rng.integers(1, 13)}:00 {rng.integers(1, 10)}CM FN {rng.choice(_VIEWS)}",
              f"MI {rng.uniform(0.6, 1.4):.1f}", f"TIs {rng.uniform(0.1, 0.9):.1f}"]
@@ -391,7 +392,9 @@ def _cross(img, p, s, colour):
 
 
 def _calipers(rng, img, mask, colour):
-    """Caliper crosses at the lesion's extreme points (horizontal, sometimes vertical), maybe dotted lines."""
+    """Caliper crosses at the lesion's extreme points (horizontal, sometimes vertical), maybe dotted lines.
+
+    Returns the caliper distances in pixels."""
     ys, xs = np.nonzero(mask)
     s = int(rng.integers(3, 7))
     pairs = [((xs.min() - 2, ys[xs.argmin()]), (xs.max() + 2, ys[xs.argmax()]))]
@@ -404,7 +407,7 @@ def _calipers(rng, img, mask, colour):
             n = int(np.hypot(b[0] - a[0], b[1] - a[1]) // 7)
             for t in np.linspace(0, 1, max(n, 2))[1:-1]:
                 cv2.circle(img, (int(a[0] + t * (b[0] - a[0])), int(a[1] + t * (b[1] - a[1]))), 1, colour, -1)
-    return len(pairs)
+    return [float(np.hypot(b[0] - a[0], b[1] - a[1])) for a, b in pairs]
 
 
 def _body_marker(img, rng, x, y, r, colour):
@@ -445,21 +448,22 @@ def _overlays(rng, canvas, masks, margins, colour):
     fs = float(np.clip(H / 1000 * rng.uniform(0.75, 1.15), 0.3, 0.7))
     step = int(30 * fs) + 4
     marker = (255, 230, 0) if colour and rng.random() < 0.6 else white
+    h = H - t - b
+    depth_cm = rng.uniform(2.5, 5.5)                          # the depth the FOV spans: text, ticks, calipers agree
     if rng.random() < 0.75:
         x = 4 if l < 40 else int(rng.uniform(3, max(4, l - 30)))
-        _put_lines(canvas, rng, _texts(rng), x, t + step if t < step else int(0.5 * t) + 5, fs,
+        _put_lines(canvas, rng, _texts(rng, depth_cm), x, t + step if t < step else int(0.5 * t) + 5, fs,
                    marker if colour and rng.random() < 0.4 else white, step)
     if masks and rng.random() < 0.45:
-        n = _calipers(rng, canvas, masks[0], marker)
+        dists = _calipers(rng, canvas, masks[0], marker)
         if rng.random() < 0.6:
-            meas = [f"{i + 1} D {rng.uniform(0.4, 3.5):.2f}cm" for i in range(n)]
-            _put_lines(canvas, rng, meas, W - int(130 * fs / 0.5), H - b - step * n - 4, fs, white, step)
+            meas = [f"{i + 1} D {d * depth_cm / h:.2f}cm" for i, d in enumerate(dists)]
+            _put_lines(canvas, rng, meas, W - int(130 * fs / 0.5), H - b - step * len(meas) - 4, fs, white, step)
     if rng.random() < 0.35:
         rad = max(8, 0.035 * H)
         _body_marker(canvas, rng, l + rad + 6 if rng.random() < 0.5 else W - r - rad - 6, H - b - rad - 6, rad, marker)
-    if rng.random() < 0.5:                                    # depth ticks along the FOV's right edge
-        h = H - t - b
-        cm = h / rng.uniform(3.0, 5.5)
+    if rng.random() < 0.5:                                    # depth ticks (1 cm) along the FOV's right edge
+        cm = h / depth_cm
         for k in range(1, int(h / cm) + 1):
             cv2.circle(canvas, (min(W - 3, W - r - 4), int(t + k * cm)), 1 + int(k % 5 == 0), white, -1)
 

@@ -61,6 +61,8 @@ def test_class_counts_follow_ratio():
         exact = np.array([437, 210, 133]) * n / 780
         assert np.all(np.abs(np.array([c[k] for k in CLASSES]) - exact) < 1.0 + (n < 10))
     assert class_counts(9, (1, 1, 1)) == {"benign": 3, "malignant": 3, "normal": 3}
+    assert class_counts(10, (1, 1, 0)) == {"benign": 5, "malignant": 5, "normal": 0}
+    assert class_counts(3, (100, 1, 1)) == {"benign": 1, "malignant": 1, "normal": 1}
 
 
 def test_layout_naming_and_numbering(phantom):
