@@ -283,7 +283,8 @@ def _apply_lesion(rng, e, label, mask):
     if cyst:
         level, het, edge, cell = rng.uniform(0.005, 0.02), 0.3, 0.8, 6
     elif label == "benign":
-        level, het, edge, cell = np.exp(rng.uniform(np.log(0.035), np.log(0.22))), rng.uniform(0.2, 0.5), rng.uniform(0.8, 1.6), 5
+        level = float(np.exp(rng.uniform(np.log(0.035), np.log(0.22))))   # from clearly to mildly hypoechoic
+        het, edge, cell = rng.uniform(0.2, 0.5), rng.uniform(0.8, 1.6), 5
     else:
         level, het, edge, cell = rng.uniform(0.03, 0.1), rng.uniform(0.45, 0.8), rng.uniform(1.2, 2.5), 6
     halo = rng.uniform(3, 10) * max(h, w) / 550 if label == "malignant" and rng.random() < 0.4 else 0.0
@@ -350,7 +351,7 @@ def _bmode(rng, e):
     env2 = np.zeros((h, w), F32)
     for c in (0, 1):
         s = amp * scat[c]
-        f = cv2.GaussianBlur(s, (0, 0), sigmaX=sx, sigmaY=sy) * k1 + cv2.GaussianBlur(s, (0, 0), 1.9 * sx, sigmaY=sy) * k2
+        f = cv2.GaussianBlur(s, (0, 0), sigmaX=sx, sigmaY=sy) * k1 + cv2.GaussianBlur(s, (0, 0), 1.9 * sx, sy) * k2
         env2 += f * f
     looks = rng.uniform(0.5, 1.1)                              # compounding / incoherent averaging
     env2 = cv2.GaussianBlur(env2, (0, 0), sigmaX=1.3 * looks, sigmaY=looks)
