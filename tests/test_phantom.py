@@ -11,8 +11,8 @@ from PIL import Image
 from skimage.measure import label as cc_label, regionprops
 
 from common.cli import UserError
-from data.phantom import (BUSI_ROOT, CLASSES, HEIGHT_RANGE, WIDTH_RANGE, _plan, case_rng, class_counts,
-                          generate_phantom, render_case, render_full)
+from data.phantom import (BUSI_ROOT, CLASSES, HEIGHT_RANGE, WIDTH_RANGE, _plan, _render_and_write, case_rng,
+                          class_counts, generate_phantom, render_case, render_full)
 
 N, SEED = 60, 3
 NAME = re.compile(r"^(benign|malignant|normal) \((\d+)\)(_mask(?:_(\d+))?)?\.png$")
@@ -81,14 +81,29 @@ def test_layout_naming_and_numbering(phantom):
 
 
 # ------------------------------------------------------------------------------------------- determinism
-def test_byte_identical_whatever_the_workers(phantom, tmp_path):
-    out, summary = phantom
-    again = generate_phantom(tmp_path, N, seed=SEED, workers=1)
-    a = {p.relative_to(_root(out)): _digest(p) for p in _root(out).rglob("*.png")}
-    b = {p.relative_to(_root(tmp_path)): _digest(p) for p in _root(tmp_path).rglob("*.png")}
-    assert a == b
-    for key in ("counts", "extra_mask_files", "rgba_masks", "duplicates", "colour_images"):
-        assert again[key] == summary[key]
+def test_byte_identical_whatever_the_workers(tmp_path):
+    a = generate_phantom(tmp_path / "a", 10, seed=SEED, workers=2)
+    b = generate_phantom(tmp_path / "b", 10, seed=SEED, workers=1)
+    da = {p.relative_to(_root(tmp_path / "a")): _digest(p) for p in _root(tmp_path / "a").rglob("*.png")}
+    db = {p.relative_to(_root(tmp_path / "b")): _digest(p) for p in _root(tmp_path / "b").rglob("*.png")}
+    assert len(da) == 20 and da == db
+    for key in ("counts", "extra_mask_files", "rgba_masks", "duplicates", "colour_images", "mean_lesion_fraction"):
+        assert a[key] == b[key]
+
+
+def test_quirk_cases_from_the_pool_match_in_process_rendering(phantom, tmp_path):
+    """The fixture ran with 2 worker processes; its special cases re-rendered here, in process, are identical."""
+    out, _ = phantom
+    tasks, _ = _plan(SEED, class_counts(N), True)
+    keys = [k for k, t in tasks.items() if t and (t["n_lesions"] > 1 or t["colour"])]
+    keys += [(c, n) for c in CLASSES for n in (2, 3) if tasks[(c, n)]]
+    assert len(keys) >= 5
+    for c in CLASSES:
+        (tmp_path / c).mkdir()
+    for label, n in keys:
+        _render_and_write((str(tmp_path), SEED, label, n, tasks[(label, n)], True))
+    for p in tmp_path.rglob("*.png"):
+        assert _digest(p) == _digest(_root(out) / p.relative_to(tmp_path)), p
 
 
 def test_render_case_is_seeded():
@@ -181,7 +196,7 @@ def test_duplicates_are_pixel_identical(phantom):
 
 
 def test_no_quirks_gives_plain_files(tmp_path):
-    s = generate_phantom(tmp_path, 12, seed=1, workers=1, quirks=False)
+    s = generate_phantom(tmp_path, 6, seed=1, workers=1, quirks=False)
     assert s["extra_masks"] == 0 and not s["duplicates"] and not s["colour_images"]
     for p in _root(tmp_path).rglob("*.png"):
         im = Image.open(p)
@@ -199,10 +214,10 @@ def test_refuses_to_replace_a_folder_it_did_not_make(tmp_path):
         generate_phantom(tmp_path, 6, workers=1)
     assert (_root(tmp_path) / "benign" / "benign (1).png").read_bytes() == b"real data"
     # a phantom is replaced by a new phantom
-    generate_phantom(tmp_path / "p", 6, workers=1)
-    s = generate_phantom(tmp_path / "p", 9, workers=1)
-    assert s["counts"] == class_counts(9)
-    assert sum(1 for p in _root(tmp_path / "p").rglob("*.png") if "_mask" not in p.name) == 9
+    generate_phantom(tmp_path / "p", 4, workers=1)
+    s = generate_phantom(tmp_path / "p", 3, workers=1)
+    assert s["counts"] == class_counts(3)
+    assert sum(1 for p in _root(tmp_path / "p").rglob("*.png") if "_mask" not in p.name) == 3
 
 
 # ------------------------------------------------------------------------------------------- realism
@@ -216,15 +231,17 @@ def _lesion_stats(img_path, mask_paths):
     region = max(regionprops(lab), key=lambda r: r.area)
     y0, x0, y1, x1 = region.bbox
     lh, lw = y1 - y0, x1 - x0
-    ring = cv2.dilate(main.astype(np.uint8), np.ones((25, 25), np.uint8)).astype(bool)
-    ring &= ~cv2.dilate(main.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool) & ~full & (g > 0)
+    win = (slice(max(0, y0 - 15), y1 + 15), slice(max(0, x0 - 15), x1 + 15))
+    m8 = main[win].astype(np.uint8)
+    ring = cv2.dilate(m8, np.ones((25, 25), np.uint8)).astype(bool)
+    ring &= ~cv2.dilate(m8, np.ones((7, 7), np.uint8)).astype(bool) & ~full[win] & (g[win] > 0)
     rows = slice(y1 + 3, min(g.shape[0], y1 + 3 + max(8, lh // 2)))
     centre = slice(x0 + lw // 5, x1 - lw // 5)
     post = g[rows, centre][(~full[rows, centre]) & (g[rows, centre] > 0)]
     side = np.concatenate([g[rows, max(0, x0 - lw // 2):max(0, x0 - lw // 8)].ravel(),
                            g[rows, x1 + lw // 8:x1 + lw // 2].ravel()])
     side = side[side > 0]
-    return {"solidity": region.solidity, "taller": lh > lw, "inside": g[main].mean(), "ring": g[ring].mean(),
+    return {"solidity": region.solidity, "taller": lh > lw, "inside": g[main].mean(), "ring": g[win][ring].mean(),
             "posterior": (post.mean() / side.mean()) if post.size > 20 and side.size > 20 else np.nan}
 
 
