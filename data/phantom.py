@@ -347,14 +347,15 @@ def _bmode(rng, e):
     sx, sy = rng.uniform(1.4, 2.4) * h / 500, rng.uniform(0.7, 1.1) * h / 500
     far = np.clip(np.abs(yy - rng.uniform(0.3, 0.6)) / 0.45, 0, 1)          # lateral PSF widens off focus
     k1 = (1 - far) * F32(np.sqrt(4 * np.pi * sx * sy) / _INT8_STD)
-    k2 = far * F32(np.sqrt(4 * np.pi * 1.9 * sx * sy) / _INT8_STD)
+    k2 = far * F32(np.sqrt(4 * np.pi * 1.5 * sx * sy) / _INT8_STD)
     env2 = np.zeros((h, w), F32)
     for c in (0, 1):
         s = amp * scat[c]
-        f = cv2.GaussianBlur(s, (0, 0), sigmaX=sx, sigmaY=sy) * k1 + cv2.GaussianBlur(s, (0, 0), 1.9 * sx, sy) * k2
+        f = cv2.GaussianBlur(s, (0, 0), sigmaX=sx, sigmaY=sy) * k1 + cv2.GaussianBlur(s, (0, 0), 1.5 * sx, sy) * k2
         env2 += f * f
     looks = rng.uniform(0.5, 1.1)                              # compounding / incoherent averaging
     env2 = cv2.GaussianBlur(env2, (0, 0), sigmaX=1.3 * looks, sigmaY=looks)
+    env2 += (cv2.GaussianBlur(env2, (0, 0), sigmaX=1.6 * looks, sigmaY=1.2 * looks) - env2) * far   # far field
     tgc = att_db * yy + 2.5 * _curve(rng, h, 4)[:, None] - rng.uniform(0, 8) * np.clip(yy - 0.8, 0, None) / 0.2
     lateral = -rng.uniform(1, 4) * np.abs(2 * xx - 1) ** 6
     db = cv2.log(env2 + F32(1e-9)) * F32(10 / np.log(10)) + (tgc + lateral).astype(F32)
