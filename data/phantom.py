@@ -294,6 +294,7 @@ def _apply_lesion(rng, e, label, mask):
     near, m8 = e[wy0:wy1, wx0:wx1], mask[wy0:wy1, wx0:wx1].astype(np.uint8)
     m = m8.astype(F32)
     hn, wn = m.shape
+    level = min(level, 0.4 * float(np.percentile(near[m8 == 0], 75)))   # hypoechoic where it sits (e.g. in fat)
     inner = level * np.exp(het * _noise(rng, hn, wn, cell + 0.04 * lh, cell + 0.05 * lw))
     if label == "malignant" and rng.random() < 0.35:         # microcalcifications
         dots = np.zeros((hn, wn), np.uint8)
@@ -320,7 +321,7 @@ def _apply_lesion(rng, e, label, mask):
            ("shadow" if u < 0.72 else "none" if u < 0.9 else "enhance")
     if kind == "enhance":
         decay = np.exp(-np.maximum(yy - y1, 0) / (rng.uniform(0.8, 2.0) * lh))
-        below *= 1 + rng.uniform(0.6, 1.2) * (2.0 if cyst else 1.0) * cover * decay
+        below *= 1 + rng.uniform(0.6, 1.2) * (2.0 if cyst else 1.0) * cover * decay * (1 - mb)  # beneath only
         if rng.random() < 0.4:                                # refraction shadows at the lateral edges
             sides = np.exp(-((xx - x0) / 3) ** 2) + np.exp(-((xx - x1) / 3) ** 2)
             below *= 1 - 0.6 * np.clip(sides, 0, 1) * (yy > y0 + 0.5 * lh)

@@ -256,7 +256,7 @@ def test_lesion_statistics_follow_radiology(phantom):
     assert mean(b, "taller") < 0.15 and mean(m, "taller") > mean(b, "taller") + 0.25
     # hypoechoic: every lesion darker than the tissue around it
     for rows in (b, m):
-        assert all(r["inside"] < r["ring"] for r in rows)
+        assert np.mean([r["inside"] < 0.9 * r["ring"] for r in rows]) > 0.95
         assert mean(rows, "inside") < 0.6 * mean(rows, "ring")
     # posterior acoustic enhancement (benign) versus shadowing (malignant), on average
     assert mean(b, "posterior") > 1.05 and mean(m, "posterior") < 0.95
