@@ -25,7 +25,8 @@ Losses (:func:`segmentation_loss` picks by the outputs it is given):
   weighted. ``D`` = :func:`distance_target`, ``E`` = :func:`boundary_target`, both computed on the device
   from the masks (no host round-trip).
 * **Both**: ``+ class_weight * cross_entropy(class_logits, labels)`` when ``labels`` is given
-  (``ignore_index=-100`` skips unlabeled images; ``label_weights`` re-weights classes).
+  (label ``-100`` marks an image without a class label, e.g. a normal image when ``num_labels=2``; it is
+  skipped, and a batch with no labelled image adds 0; ``label_weights`` re-weights classes).
 
 ``parts`` holds detached scalar tensors (no host sync here); call ``float()`` when logging.
 """
@@ -173,8 +174,18 @@ def structure_loss(logits: torch.Tensor, masks: torch.Tensor, kernel: int | None
     return (wbce + wiou).mean()
 
 
-def _class_loss(outputs, labels, label_weights):
-    return F.cross_entropy(outputs["class_logits"].float(), labels.long(), weight=label_weights, ignore_index=-100)
+def _class_loss(outputs: dict[str, Any], labels: torch.Tensor, label_weights: torch.Tensor | None) -> torch.Tensor:
+    """(Weighted) mean cross-entropy over labelled images; 0, not NaN, when every label is -100."""
+    labels = labels.long()
+    per_image = F.cross_entropy(
+        outputs["class_logits"].float(), labels, weight=label_weights, ignore_index=-100, reduction="none"
+    )  # already multiplied by the class weight; 0 where ignored
+    valid = labels != -100
+    if label_weights is None:
+        denom = valid.sum()
+    else:
+        denom = (label_weights.to(per_image)[labels.clamp_min(0)] * valid).sum()
+    return per_image.sum() / denom.clamp_min(1e-12)
 
 
 def segmentation_loss(

@@ -130,6 +130,16 @@ def test_loss_parts():
     assert set(parts) == {"dice", "bce", "cls", "total"} and torch.isfinite(loss)
     _, parts = segmentation_loss(unet(images), masks[:, 0], None)  # [B,H,W] masks, no class loss
     assert set(parts) == {"dice", "bce", "total"}
+    # -100 = no class label (e.g. a normal image with num_labels=2): skipped; all skipped -> 0, not NaN
+    out = unet(images)
+    _, parts = segmentation_loss(out, masks, torch.tensor([-100, -100]))
+    assert parts["cls"] == 0
+    _, p1 = segmentation_loss(out, masks, torch.tensor([1, -100]))
+    ref = torch.nn.functional.cross_entropy(out["class_logits"][:1], torch.tensor([1]))
+    torch.testing.assert_close(p1["cls"], ref.detach())
+    w = torch.tensor([1.0, 3.0])
+    _, p2 = segmentation_loss(out, masks, labels, label_weights=w)
+    torch.testing.assert_close(p2["cls"], torch.nn.functional.cross_entropy(out["class_logits"], labels, weight=w).detach())
 
 
 def _fit(model, images, masks, labels, steps, lr):
