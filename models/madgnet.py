@@ -34,8 +34,9 @@ sum the first conv's weights (``in_chans=1``), then normalises with the encoder'
 
 Forward returns a dict: ``mask_logits`` [B,1,H,W] (stage-4 map), ``class_logits`` [B,num_labels], and
 for deep supervision ``maps``, ``distances``, ``boundaries`` -- lists of four [B,1,H,W] tensors, deepest
-stage first (the last entry of ``maps`` is ``mask_logits``). ``distances`` are logits of a normalised
-distance transform, ``boundaries`` logits of a boundary map (see ``models.segmenters``).
+stage first (the last entry of ``maps`` is ``mask_logits``). ``distances`` regress a normalised
+distance transform (raw values, target in [0, 1]); ``boundaries`` are logits of a boundary map (see
+``models.segmenters``).
 
 Encoder weights:
 

@@ -17,7 +17,10 @@ Losses (:func:`segmentation_loss` picks by the outputs it is given):
   smoothing 1 (``1 - (2 sum(p g) + 1) / (sum p + sum g + 1)``), averaged over the batch, so an image with an
   empty mask (a normal image) still pushes its prediction towards empty; BCE is the mean per pixel.
 * **MADGNet** (``maps`` present), averaged over the four deep-supervision stages (equal weights):
-  ``structure(map) + distance_weight * mse(sigmoid(distance), D) + boundary_weight * bce(boundary, E)``.
+  ``structure(map) + distance_weight * mse(distance, D) + boundary_weight * bce(boundary, E)``.
+  The distance output is regressed directly (not through a sigmoid): in the cascade it is gated by
+  sigmoid(map), so it sits near 0 on background, which is what ``D`` asks there; a sigmoid would put a
+  floor of 0.5 under it.
   *structure* is weighted BCE + weighted IoU with pixel weights ``1 + 5 |avgpool_k(g) - g|`` (large near
   edges), computed per image and averaged; ``k`` is 31 at 352 px (the reference setting) and scales with
   the mask height (``2 round(15 H / 352) + 1``, at least 3). Unlike the reference code, whose
@@ -213,7 +216,7 @@ def segmentation_loss(
         s = d = e = 0.0
         for m, dl, bl in zip(outputs["maps"], outputs["distances"], outputs["boundaries"]):
             s = s + structure_loss(m.float(), masks)
-            d = d + F.mse_loss(torch.sigmoid(dl.float()), dist_t)
+            d = d + F.mse_loss(dl.float(), dist_t)
             e = e + F.binary_cross_entropy_with_logits(bl.float(), bnd_t)
         parts.update(structure=s / n, distance=d / n, boundary=e / n)
         loss = parts["structure"] + distance_weight * parts["distance"] + boundary_weight * parts["boundary"]
