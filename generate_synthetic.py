@@ -1,0 +1,115 @@
+"""Phase 2: draw synthetic ultrasound image + tumour mask pairs from a trained checkpoint into a pair dataset.
+
+Every pair has its own seed (seed + 1000003 x class index + candidate index), so the same flags give
+byte-identical PNGs whatever --batch_size or the number of processes: tested on the CPU, where the denoiser
+always runs on fixed 16-row chunks with oneDNN off; on GPUs expected but untested. A tumour-class sample whose mask is empty once components smaller than
+--min_lesion_area are removed (or a 'normal' sample with a lesion) is rejected and the next candidate
+takes its place; the dataset holds the first N accepted candidates per class. Rerunning the same command
+resumes: finished pairs are kept, rejected candidates are not redrawn; a larger count adds pairs. The
+output folder is a pair dataset (split train, source synthetic, provenance per pair in metadata.csv)
+with generation.json (the run's settings), rejected.jsonl and preview.png.
+"""
+from __future__ import annotations
+
+import argparse
+
+from common.cli import make_parser, non_negative_int, parse_config, positive_int, print_config, run_main
+from data.synthetic import (DEFAULT_GUIDANCE, DEFAULT_MAX_CANDIDATES_PER_SAMPLE, DEFAULT_MIN_LESION_AREA,
+                            DEFAULT_SAMPLER)
+
+DEFAULT_COUNT = 1000
+EPILOG = """examples:
+  # the plan's command (1000 pairs per class from the model train_medsegdiff.py wrote)
+  python generate_synthetic.py --checkpoint_path ./checkpoints/best_model.pth --num_samples_per_class 1000 --output_dir ./synthetic_busi
+  # interrupted? run the same command again: finished pairs are kept, only the missing ones are drawn
+  # as many of each class as make the training split of the real data 50/50 benign/malignant
+  python generate_synthetic.py --balance_to ./data/busi_processed --output_dir ./synthetic_balanced
+  # ... and a balanced training split of 2000 pairs in all (real + synthetic)
+  python generate_synthetic.py --balance_to ./data/busi_processed --total 2000 --output_dir ./synthetic_2000
+  # the 1000-step sampler of the published code, and DDIM at 50 steps with stronger guidance
+  python generate_synthetic.py --sampler ddpm --output_dir ./synthetic_ddpm
+  python generate_synthetic.py --sampler ddim --steps 50 --guidance_scale 2.0 --output_dir ./synthetic_ddim
+  # several processes (GPUs, or gloo on the CPU): candidates are dealt out; the same pairs as one process
+  torchrun --nproc_per_node 4 generate_synthetic.py --num_samples_per_class 1000 --output_dir ./synthetic_busi
+  # print the resolved settings (and the per-class counts) without drawing anything
+  python generate_synthetic.py --balance_to ./data/busi_processed --dry-run
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from models.diffusion import DEFAULT_STEPS, SAMPLERS
+    p = make_parser(__doc__, EPILOG)
+    g = p.add_argument_group("what to generate")
+    g.add_argument("--checkpoint_path", default="./checkpoints/best_model.pth",
+                   help="diffusion checkpoint written by train_medsegdiff.py (best_model.pth or last.pth); it "
+                        "carries the model, its classes and image size")
+    g.add_argument("--output_dir", default="./synthetic_busi",
+                   help="output pair dataset; an existing folder of the same run is resumed/extended, any other "
+                        "non-empty folder is refused")
+    g.add_argument("--num_samples_per_class", type=non_negative_int, default=None,
+                   help=f"pairs to generate per class (default {DEFAULT_COUNT}%(default).0s; not with --balance_to)")
+    g.add_argument("--classes", default="benign,malignant",
+                   help="comma-separated classes to generate; each must be one the checkpoint was trained on "
+                        "(benign, malignant, and normal for a 3-class model)")
+    g.add_argument("--balance_to", default=None, metavar="DATASET",
+                   help="instead of a fixed count: generate as many of each class as make the training split "
+                        "of this pair dataset 50/50 benign/malignant (the minority class is topped up)")
+    g.add_argument("--total", type=positive_int, default=None,
+                   help="with --balance_to: size of the balanced training split, real + synthetic "
+                        "(total/2 per class; must be even and at least twice the larger real class)"
+                        "%(default).0s")
+    g.add_argument("--min_lesion_area", type=non_negative_int, default=DEFAULT_MIN_LESION_AREA,
+                   help="mask components smaller than this many pixels (at the checkpoint's image size) are "
+                        "removed; a tumour sample left with an empty mask is rejected and replaced")
+    g.add_argument("--max_candidates_per_sample", type=positive_int, default=DEFAULT_MAX_CANDIDATES_PER_SAMPLE,
+                   help="give up on a class after this many candidates per requested pair (i.e. when rejections "
+                        "are that frequent)")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS,
+                   help="diffusers scheduler: ddpm (ancestral, slow), ddim (deterministic), dpmsolver++ "
+                        "(2nd-order multistep, fastest for its quality)")
+    g.add_argument("--steps", type=non_negative_int, default=0,
+                   help="denoising steps; 0 = the sampler's default ("
+                        + ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items()) + ")")
+    g.add_argument("--guidance_scale", type=float, default=DEFAULT_GUIDANCE,
+                   help="classifier-free guidance: 1 = none; larger = more class-typical, less diverse")
+    g.add_argument("--seed", type=non_negative_int, default=0,
+                   help="base seed; pair j of class c uses seed + 1000003*c + j")
+    g = p.add_argument_group("hardware")
+    g.add_argument("--batch_size", type=positive_int, default=16,
+                   help="samples drawn together per process (speed and memory only: the output does not "
+                        "change). On the CPU the denoiser always runs on 16 rows (a sample is 2 rows with "
+                        "guidance), so values below 8 save no time there")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (under torchrun: the local GPU)")
+    g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="auto = bf16 on GPUs that support it, else fp32; the CPU always samples in fp32. Part of "
+                        "the run's identity: resuming with another precision is refused")
+    return p
+
+
+def main(argv=None, *, after_batch=None) -> int:
+    from data.synthetic import GenerationRequest, format_summary, resolve_classes, resolve_counts
+    from models.diffusion import DEFAULT_STEPS
+    args = parse_config(build_parser(), argv)
+    classes = resolve_classes(args.classes)
+    counts = resolve_counts(classes, args.num_samples_per_class, args.balance_to, args.total, DEFAULT_COUNT)
+    if args.dry_run:
+        print_config(args)
+        print(f"resolved: counts {counts}, {args.sampler} with {args.steps or DEFAULT_STEPS[args.sampler]} steps")
+        return 0
+    req = GenerationRequest(
+        checkpoint_path=args.checkpoint_path, output_dir=args.output_dir, classes=classes, counts=counts,
+        sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance_scale, batch_size=args.batch_size,
+        seed=args.seed, min_lesion_area=args.min_lesion_area,
+        max_candidates_per_sample=args.max_candidates_per_sample, device=args.device, precision=args.precision,
+        command=args.command,
+        extra={k: v for k, v in (("balance_to", args.balance_to), ("total", args.total)) if v is not None})
+    from data.synthetic import generate
+    summary = generate(req, after_batch=after_batch)
+    if "per_class" in summary:   # rank 0
+        print(format_summary(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
