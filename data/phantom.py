@@ -694,9 +694,9 @@ def generate_phantom(output_dir: str | Path, n_cases: int, seed: int = 0,
             records.append(_render_and_write(job))
             bar is not None and bar.update()
     else:
-        # fork on Linux: fast, and callers need no `if __name__ == "__main__"` guard; the workers only use
-        # numpy/OpenCV/PIL, with OpenCV's own thread pool switched off (_worker_init)
-        ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        # spawn, not fork: a child forked after the parent used OpenCV's thread pool can hang for ever in
+        # cv2 (seen in the test suite); the workers only use numpy/OpenCV/PIL, with OpenCV's own pool off
+        ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as pool:
             for rec in pool.map(_render_and_write, jobs, chunksize=4):
                 records.append(rec)
