@@ -419,7 +419,7 @@ def generate(req: GenerationRequest, after_batch: Callable[[int], None] | None =
         identity = run_identity(req, ckpt, sha256_file(req.checkpoint_path), steps, device.type, precision)
         out = Path(req.output_dir)
         check_output_dir(out, identity)
-        statuses = scan_output(out, req.classes) if dist.is_main else None
+        statuses = scan_output(out, req.classes)   # on every rank, so a bad folder stops them all alike
         _barrier(dist)   # every rank has checked the folder before rank 0 changes it
         if dist.is_main:
             _start_folder(out, identity, req, ckpt)
@@ -515,8 +515,9 @@ class _Loop:
                 n_rej = sum(1 for v in self.statuses[c].values() if not v)
                 raise UserError(
                     f"class {c}: gave up after {self.caps[c]} candidates for {self.req.counts[c]} samples "
-                    f"({n_rej} rejected: {accept(c, 0)[1]} after removing components < {self.req.min_lesion_area} px); lower --min_lesion_area, check "
-                    "the checkpoint's samples, or raise --max_candidates_per_sample")
+                    f"({n_rej} rejected: {accept(c, 0)[1]} after removing components < "
+                    f"{self.req.min_lesion_area} px); rerun with a higher --max_candidates_per_sample to keep trying, "
+                    "or check the checkpoint's samples and use a lower --min_lesion_area with a new --output_dir")
 
     def _draw_batch(self, batch: list[tuple[str, int]], rej_path: Path) -> list[tuple[str, int, bool]]:
         seeds = [sample_seed(self.req.seed, self.class_index[c], j) for c, j in batch]
@@ -639,7 +640,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = [f"this run: drew {drawn} candidates, wrote {n} pairs "
              f"({', '.join(f'{c} {k}' for c, k in written.items())}), rejected "
              f"{sum(summary['rejected_this_run'].values())}; {rate:.3f} samples/s "
-             f"({summary['sampler']}-{summary['steps']}); sampling {secs:.1f} s, total {summary['total_seconds']:.1f} s"]
+             f"({summary['sampler']}-{summary['steps']}); sampling {secs:.1f} s, "
+             f"total {summary['total_seconds']:.1f} s"]
     parts = [f"{c} {v['pairs']} (rejected {v['rejected']} of {v['candidates']} candidates, "
              f"{100 * v['rejection_rate']:.1f}%)" for c, v in summary["per_class"].items()]
     lines.append(f"dataset: {summary['n_pairs']} pairs: " + "; ".join(parts))

@@ -168,6 +168,7 @@ def morphology_histograms(raw: dict[str, Any], label: str) -> bytes:
         ax.tick_params(labelsize=7)
     axes[0, 0].legend(fontsize=7)
     fig.suptitle(f"lesion morphology, class {label}")
+    fig.tight_layout()
     return _fig_png(fig)
 
 

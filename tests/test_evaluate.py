@@ -67,8 +67,9 @@ def run_outputs(tmp_path_factory):
     base = [_fake_run(tmp / f"base{s}", real, s, 0.0) for s in (0, 1)]
     comb = [_fake_run(tmp / f"comb{s}", real, 10 + s, 0.15) for s in (0, 1)]
     out = tmp / "report"
+    # the second phantom draw as it comes (no synthetic-source rows: evaluated whole as the synthetic side)
     argv = [sys.executable, str(ROOT / "evaluate.py"), "--real_data", str(paths["real"]), "--synthetic_data",
-            str(paths["synthetic"]), "--output_dir", str(out), "--inception_weights", "offline", "--cache_dir",
+            str(paths["draw2"]), "--output_dir", str(out), "--inception_weights", "offline", "--cache_dir",
             str(paths["cache"]), "--floor_draws", "3", "--kid_subsets", "30", "--diversity_pairs", "100"]
     for b in base:
         argv += ["--baseline_run", str(b)]
@@ -84,13 +85,17 @@ def run_outputs(tmp_path_factory):
     return out, paths
 
 
-def test_end_to_end_metrics_and_report(run_outputs, capsys):
-    out, _ = run_outputs
+def test_end_to_end_metrics_and_report(run_outputs):
+    out, paths = run_outputs
     m = json.loads((out / "metrics.json").read_text())
     for key in ("command", "config", "inputs", "generation", "similarity", "morphology", "memorisation",
                 "downstream", "summary", "warnings", "timings_s"):
         assert key in m, key
-    assert m["inputs"]["n_real_train"] == 48 and m["inputs"]["n_heldout"] == 24 and m["inputs"]["n_synthetic"] == 48
+    real = open_pair_dataset(paths["real"])
+    n_train, n_held = len(real.select(split="train")), len(real.select(split=("val", "test")))
+    assert (m["inputs"]["n_real_train"], m["inputs"]["n_heldout"]) == (n_train, n_held)
+    assert m["inputs"]["n_synthetic"] == len(open_pair_dataset(paths["draw2"]))
+    assert "no synthetic-source pairs" in m["inputs"]["synthetic_selection"]
     gen = m["generation"]
     assert gen["weights"]["mode"] == "offline" and len(gen["weights"]["sha256"]) == 64
     assert gen["offline_check_max_abs_diff"] < 1e-4
@@ -98,7 +103,7 @@ def test_end_to_end_metrics_and_report(run_outputs, capsys):
     for name in ("fid", "kid"):
         blk = gen["all"][name]
         assert {"synthetic", "floor", "verdict", "n", "full_sets"} <= set(blk)
-        assert blk["n"] == 24 and len(blk["synthetic"]["draws"]) == 3
+        assert blk["n"] == min(n_held, m["inputs"]["n_synthetic"]) and len(blk["synthetic"]["draws"]) == 3
     assert "IS unavailable" in gen["all"]["is"]["skipped"]
     assert "value" in gen["all"]["fid_infinity"]["synthetic"]
     assert {"nearest_ssim", "ms_ssim_diversity"} <= set(m["similarity"])
@@ -107,7 +112,7 @@ def test_end_to_end_metrics_and_report(run_outputs, capsys):
     align = m["downstream"]["alignment"]
     assert set(align["per_class"]) <= {"benign", "malignant", "normal"} and 0 <= align["all"]["mean"] <= 1
     comp = m["downstream"]["comparison"]
-    assert comp["n_baseline_runs"] == 2 and comp["n_images"] == 12
+    assert comp["n_baseline_runs"] == 2 and comp["n_images"] == len(real.select(split="test"))
     dice = comp["metrics"]["dice"]
     assert dice["ci_low"] <= dice["mean_diff"] <= dice["ci_high"] and dice["mean_diff"] > 0.05
     assert comp["metrics"]["balanced_accuracy"]["better"] == "higher"

@@ -57,7 +57,8 @@ def gen(ckpt, out, *extra, after_batch=None):
 
 def png_bytes(folder):
     folder = Path(folder)
-    return {f"{sub}/{p.name}": p.read_bytes() for sub in ("images", "masks") for p in sorted((folder / sub).glob("*.png"))}
+    return {f"{sub}/{p.name}": p.read_bytes() for sub in ("images", "masks")
+            for p in sorted((folder / sub).glob("*.png"))}
 
 
 BASE = ["--num_samples_per_class", "3", "--sampler", "ddpm", "--steps", "2", "--guidance_scale", "2.0"]
@@ -202,7 +203,7 @@ def test_rejection_replacement_and_rate(ckpt, tmp_path, monkeypatch, capsys):
 
 
 def test_everything_rejected_fails_clearly(ckpt, tmp_path):
-    with pytest.raises(UserError, match=r"class benign: gave up after 2 candidates.*--min_lesion_area"):
+    with pytest.raises(UserError, match=r"class benign: gave up after 2 candidates.*--max_candidates_per_sample"):
         gen(ckpt, tmp_path / "x", "--num_samples_per_class", "1", "--steps", "1", "--min_lesion_area", "10000",
             "--max_candidates_per_sample", "2")
     assert not (tmp_path / "x" / "dataset.json").exists()
@@ -306,7 +307,8 @@ def busi_like(tmp_path):
     rows = [{"id": f"b{i}", "label": "benign", "split": "train", "source": "real", "group": f"b{i}"} for i in range(68)]
     rows += [{"id": f"m{i}", "label": "malignant", "split": "train", "source": "real", "group": f"m{i}"}
              for i in range(32)]
-    rows += [{"id": f"v{i}", "label": "malignant", "split": "val", "source": "real", "group": f"v{i}"} for i in range(9)]
+    rows += [{"id": f"v{i}", "label": "malignant", "split": "val", "source": "real", "group": f"v{i}"}
+             for i in range(9)]
     rows += [{"id": "n0", "label": "normal", "split": "train", "source": "real", "group": "n0"}]
     tmp_path.joinpath("real").mkdir()
     write_index(tmp_path / "real", rows, 16, "hand-built")

@@ -3,8 +3,9 @@
 Issue 6/10 acceptance: two independent draws of one generator sit within their real-data floors; a degraded copy
 (blurred, lesion shapes changed and shifted) is clearly worse and above its floor.
 
-The helpers at the top (a procedural breast-ultrasound-like generator and shared pair datasets / feature cache in
-the session's base temp folder) are imported by the other evaluation tests, so features are computed once.
+The helpers at the top (shared phantom pair datasets and feature cache in the session's base temp folder, and a
+cheap procedural ultrasound-like generator) are imported by the other evaluation tests, so features are computed
+once per session.
 """
 from __future__ import annotations
 
@@ -19,13 +20,13 @@ from data.pairs import PairDatasetWriter, open_pair_dataset
 from metrics import generation as G
 
 SIZE = 64
-N_REAL = {"train": 48, "val": 12, "test": 12}
-N_SYN = 48
+N_PHANTOM_REAL = 84   # -> about 58 train + 26 held-out (val + test) pairs after prepare's splits
+N_PHANTOM_SYN = 48
 
 
-# ============================================================================ procedural data
+# ============================================================================ data
 def draw_pairs(n: int, seed: int, size: int = SIZE, probs=(0.5, 0.3, 0.2)):
-    """``n`` ultrasound-like pairs: speckled layered background; benign = smooth wide oval dark lesion,
+    """``n`` procedural ultrasound-like pairs (cheap, for unit tests): speckled layered background; benign = smooth wide oval dark lesion,
     malignant = irregular, often taller-than-wide dark lesion with a shadow, normal = no lesion."""
     rng = np.random.default_rng(seed)
     labels = rng.choice(["benign", "malignant", "normal"], n, p=probs)
@@ -86,25 +87,27 @@ def write_pairs(path, images, masks, labels, source="real", splits=None, groups=
     return open_pair_dataset(path)
 
 
-def real_splits(n_by_split=N_REAL):
-    return [sp for sp, n in n_by_split.items() for _ in range(n)]
-
-
 def shared_data(tmp_path_factory) -> dict:
-    """Session-wide datasets (built once, whichever test module asks first) and feature cache folder."""
+    """Session-wide datasets (built once, whichever test module asks first) and feature cache folder.
+
+    Two independent phantom draws prepared at 64 px exactly as a user would (prepare_busi_dataset.py --phantom):
+    ``real`` (train/val/test) and ``draw2``; ``synthetic`` is draw2 rewritten as a synthetic set and ``degraded``
+    that set blurred with its lesion masks replaced by shifted bounding boxes.
+    """
+    import prepare_busi_dataset
     root = tmp_path_factory.getbasetemp() / "busdiff_eval_shared"
-    paths = {"real": root / "real", "synthetic": root / "synthetic", "degraded": root / "degraded",
-             "cache": root / "features", "root": root}
+    paths = {"real": root / "real", "draw2": root / "draw2", "synthetic": root / "synthetic",
+             "degraded": root / "degraded", "cache": root / "features", "root": root}
     if not (paths["degraded"] / "dataset.json").exists():
-        n_real = sum(N_REAL.values())
-        ri, rm, rl = draw_pairs(n_real, seed=1)
-        groups = [f"g{i}" for i in range(n_real)]
-        groups[1] = groups[0]  # two images of one "patient": must stay on one side of every re-split
-        write_pairs(paths["real"], ri, rm, rl, "real", real_splits(), groups, prefix="r")
-        si, sm, sl = draw_pairs(N_SYN, seed=2)
-        write_pairs(paths["synthetic"], si, sm, sl, "synthetic", prefix="s")
+        for key, n, seed in (("real", N_PHANTOM_REAL, 1), ("draw2", N_PHANTOM_SYN, 2)):
+            prepare_busi_dataset.main(["--phantom", str(n), "--phantom_seed", str(seed), "--img_size", str(SIZE),
+                                       "--output_dir", str(paths[key]), "--workers", "2"])
+        draw2 = open_pair_dataset(paths["draw2"])
+        si, sm = draw2.load()
+        labels = [r["label"] for r in draw2.rows]
+        write_pairs(paths["synthetic"], si, sm, labels, "synthetic", prefix="s")
         di, dm = degrade(si, sm)
-        write_pairs(paths["degraded"], di, dm, sl, "synthetic", prefix="d")
+        write_pairs(paths["degraded"], di, dm, labels, "synthetic", prefix="d")
     return paths
 
 
@@ -259,11 +262,15 @@ def _generation(sets, feats, name):
 
 
 def test_independent_draw_within_floor_degraded_above(data, feats):
+    """Issue 6/10 on the phantom: a second phantom draw sits within the real-vs-real floors; a degraded copy of it
+    (blurred, lesion masks replaced by shifted boxes) is clearly worse on FID, KID and morphology."""
+    from metrics.morphology import evaluate_morphology
     _, sets = data
     good = _generation(sets, feats, "synthetic")
     bad = _generation(sets, feats, "degraded")
-    n_held = sum(N_REAL.values()) - N_REAL["train"]
-    assert good["all"]["n"] == n_held and good["headline"] == "kid"
+    n_held = int(sets["synthetic"]["real_heldout"].sum())
+    assert n_held >= 20 and good["all"]["n"] == min(n_held, len(sets["synthetic"]["syn_images"]))
+    assert good["headline"] == "kid"
     for metric in ("fid", "kid"):
         g, b = good["all"][metric], bad["all"][metric]
         assert g["verdict"] == "within floor", (metric, g)
@@ -277,8 +284,19 @@ def test_independent_draw_within_floor_degraded_above(data, feats):
     assert good["all"]["is"]["skipped"].startswith("IS unavailable")
     inf = good["all"]["fid_infinity"]
     assert inf["synthetic"]["value"] < good["all"]["fid"]["synthetic"]["mean"]
-    # per class: every class with enough images is reported, with a few-images warning line
-    assert "benign" in good["per_class"] and any("benign" in w and "few images" in w for w in good["warnings"])
-    small = [lab for lab, blk in good["per_class"].items() if "skipped" in blk.get("fid", {})]
-    for lab in small:
-        assert "needs at least" in good["per_class"][lab]["fid"]["skipped"]
+    # per class: classes with enough images are reported with a few-images warning line, the others say why not
+    assert "benign" in good["per_class"] and any("'benign'" in w and "few images" in w for w in good["warnings"])
+    for lab, blk in good["per_class"].items():
+        assert "verdict" in blk["fid"] or "needs at least 10 images" in blk["fid"]["skipped"]
+
+    def morph(name):
+        s = sets[name]
+        return evaluate_morphology(s["syn_images"], s["syn_masks"], s["syn_labels"], s["real_images"],
+                                   s["real_masks"], s["real_labels"], s["real_groups"], s["real_heldout"])[0]
+    mg, mb = morph("synthetic"), morph("degraded")
+    assert mg["per_class"]["benign"]["mean_wasserstein"]["verdict"] == "within floor", mg["per_class"]["benign"]
+    for lab, blk in mb["per_class"].items():
+        if "skipped" not in blk:
+            assert blk["mean_wasserstein"]["verdict"].startswith("above floor"), (lab, blk["mean_wasserstein"])
+            assert blk["mean_wasserstein"]["synthetic"]["mean"] > \
+                2 * mg["per_class"][lab]["mean_wasserstein"]["synthetic"]["mean"]
