@@ -120,3 +120,16 @@ def test_write_index_in_place(tmp_path):
     info = write_index(tmp_path, rows, 32, "cmd")
     assert info["counts"]["malignant"]["train"]["synthetic"] == 1
     assert count_table(rows)["benign"]["train"]["real"] == 0
+
+
+def test_atomic_writes_are_readable_by_others(tmp_path):
+    """Files written atomically get the permissions of a plain open() under the process umask, not the temporary
+    file's private 0600 (a report or reader-study page must be shareable as written)."""
+    import os
+    import stat
+    from common.io import atomic_write_text
+    umask = os.umask(0)
+    os.umask(umask)
+    atomic_write_text(tmp_path / "page.html", "<html></html>")
+    assert stat.S_IMODE((tmp_path / "page.html").stat().st_mode) == 0o666 & ~umask
+    assert 0o666 & ~umask != 0o600
