@@ -24,6 +24,12 @@ EPILOG = """examples:
       --baseline_run ./checkpoints/seg_real --combined_run ./checkpoints/seg_combined
   # no network: FID/KID with the offline FID Inception (auto does this by itself when the download fails)
   python evaluate.py ... --inception_weights offline
+  # the "Turing test" reader study: a page of 40 shuffled real (held-out) and synthetic images + its sealed key
+  python evaluate.py --reader_study 40 --real_data ./data/busi_processed --synthetic_data ./synthetic_busi \
+      --output_dir ./results/reader_study
+  # score the readers' downloads (several answers.csv may be concatenated into one file)
+  python evaluate.py --score_reader_study answers.csv --key ./results/reader_study/reader_study_key.json \
+      --output_dir ./results/reader_study
 """
 STAGES = ("fid", "kid", "is", "ssim", "diversity", "morphology", "memorisation", "downstream")
 MIN_HELDOUT = 10
@@ -55,6 +61,17 @@ def build_parser():
     p.add_argument("--ssim_top_k", type=positive_int, default=16, help="SSIM candidates per image after pre-filter")
     p.add_argument("--diversity_pairs", type=positive_int, default=500, help="random pairs per MS-SSIM draw")
     p.add_argument("--skip", type=csv_list, default=[], help=f"comma list of {','.join(STAGES)}")
+    p.add_argument("--reader_study", type=positive_int, default=None, metavar="N", help="instead of the evaluation: "
+                   "write reader_study.html (N shuffled images, about half real val+test, half synthetic, for experts "
+                   "to call real or synthetic; send it to readers) and reader_study_key.json (the sealed key: keep "
+                   "it private) to --output_dir, using --real_data, --synthetic_data and --seed")
+    p.add_argument("--score_reader_study", type=str, default=None, metavar="ANSWERS_CSV", help="instead of the "
+                   "evaluation: score readers' answers.csv (downloads may be concatenated) against --key; prints "
+                   "accuracy, sensitivity, specificity, AUC, binomial p and per-reader lines and writes "
+                   "reader_study_score.json to --output_dir")
+    p.add_argument("--key", type=str, default=None, help="reader_study_key.json for --score_reader_study")
+    p.add_argument("--reader_study_page", type=str, default=None, help="optional, with --score_reader_study: the "
+                   "reader_study.html that was sent out, checked against the key's page sha256")
     return p
 
 
@@ -150,11 +167,42 @@ def _downstream(args, d, device) -> dict[str, Any]:
     return out
 
 
+def _reader_study(args) -> int:
+    """--reader_study N / --score_reader_study CSV: the expert "Turing test" instead of the metrics."""
+    from metrics import reader_study as RS
+    out = Path(args.output_dir)
+    if args.reader_study and args.score_reader_study:
+        raise UserError("--reader_study and --score_reader_study are separate steps: give one of them")
+    if args.reader_study:
+        if not args.real_data or not args.synthetic_data:
+            raise UserError("--reader_study needs --real_data and --synthetic_data (see --help)")
+        key = RS.build_reader_study(args.real_data, args.synthetic_data, args.reader_study, out, seed=args.seed,
+                                    command=args.command)
+        print(f"wrote {out / RS.PAGE_NAME}: {key['n']} images ({key['n_real']} real, {key['n_synthetic']} synthetic; "
+              f"study {key['study']})\nwrote {out / RS.KEY_NAME}: the sealed key\n"
+              f"send the HTML page to the readers (it opens offline in any browser; each reader downloads "
+              f"answers.csv at the end); keep the key private. Then score:\n"
+              f"  python evaluate.py --score_reader_study answers.csv --key {out / RS.KEY_NAME} --output_dir {out}")
+        return 0
+    if not args.key:
+        raise UserError("--score_reader_study needs --key reader_study_key.json (written by --reader_study)")
+    result = RS.score_reader_study(args.score_reader_study, args.key, args.reader_study_page)
+    result = {"command": args.command, "answers": args.score_reader_study, "key": args.key,
+              "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **result}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "reader_study_score.json", result)
+    print(RS.format_score(result))
+    print(f"\nwrote {out / 'reader_study_score.json'}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_config(build_parser(), argv)
     if args.dry_run:
         print_config(args)
         return 0
+    if args.reader_study or args.score_reader_study:
+        return _reader_study(args)
     if not args.real_data or not args.synthetic_data:
         raise UserError("--real_data and --synthetic_data are both required (see --help)")
     unknown = [s for s in args.skip if s not in STAGES]
