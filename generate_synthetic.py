@@ -2,7 +2,7 @@
 
 Every pair has its own seed (seed + 1000003 x class index + candidate index), so the same flags give
 byte-identical PNGs whatever --batch_size or the number of processes: tested on the CPU, where the
-denoiser always runs on fixed 16-row chunks with oneDNN off; on GPUs expected but untested.
+denoiser always runs on fixed 16-row chunks; on GPUs expected but untested.
 A tumour-class sample whose mask is empty once components smaller than --min_lesion_area are removed
 (or a 'normal' sample with a lesion) is rejected and the next candidate takes its place; the dataset
 holds the first N accepted candidates per class. Rerunning the same command resumes: finished pairs are

@@ -118,6 +118,9 @@ def test_sampler_arithmetic_is_batch_invariant(ckpt):
     together = draw(classes, seeds)
     for i in (0, 8):
         assert torch.equal(draw(classes[i:i + 1], seeds[i:i + 1])[0], together[i]), i
+    # nor on its position or neighbours: the same samples in reverse order
+    backwards = draw(classes[::-1], seeds[::-1])
+    assert torch.equal(backwards.flip(0), together)
 
 
 def test_interrupted_then_resumed_equals_uninterrupted(ckpt, reference, tmp_path):
