@@ -285,6 +285,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     atomic_write_json(out / "metrics.json", metrics)
     print()
     print(R.format_table(metrics["summary"]))
+    outcomes = R.outcome_rows(metrics)
+    if outcomes:
+        print()
+        print(R.format_table(outcomes, R.OUTCOME_COLUMNS, last_width=80))
     for w in metrics["warnings"]:
         print(f"warning: {w}")
     print(f"\nwrote {out / 'metrics.json'} and {out / 'report.html'}")

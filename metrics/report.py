@@ -74,11 +74,58 @@ def summary_rows(metrics: dict[str, Any]) -> list[dict[str, str]]:
     return rows
 
 
-def format_table(rows: Sequence[dict[str, str]]) -> str:
-    cols = ("metric", "synthetic", "floor", "verdict")
-    heads = ("metric", "synthetic vs real", "real vs real (floor)", "verdict")
+_DOWNSTREAM_NAMES = {"dice": "Dice", "iou": "IoU", "hd95": "HD95 (px)", "balanced_accuracy": "balanced accuracy"}
+
+
+def outcome_rows(metrics: dict[str, Any]) -> list[dict[str, str]]:
+    """Rows of the second table: memorisation flags, mask-image alignment and baseline vs combined (with CIs)."""
+    rows: list[dict[str, str]] = []
+    mem = metrics.get("memorisation") or {}
+    if "skipped" in mem:
+        rows.append({"result": "memorisation", "value": "unavailable", "detail": mem["skipped"]})
+    elif mem:
+        held = mem.get("heldout_nearest_ncc", {})
+        detail = f"held-out real: {mem.get('heldout_above_threshold', 0)} of {held.get('n', '?')}"
+        meehan = mem.get("meehan", {})
+        if "p_value" in meehan:
+            detail += f"; P(syn. closer than held-out) {meehan['prob_synthetic_closer']:.2f}, p {meehan['p_value']:.2g}"
+        rows.append({"result": f"copies (NCC >= {mem['threshold']:g} to a train image)",
+                     "value": f"{mem['n_flagged']} of {mem['n_synthetic']}", "detail": detail})
+    down = metrics.get("downstream") or {}
+    align = down.get("alignment")
+    if align and "skipped" in align:
+        rows.append({"result": "mask-image alignment", "value": "unavailable", "detail": align["skipped"]})
+    elif align:
+        per = ", ".join(f"{k} {v['mean']:.3f}" for k, v in align.get("per_class", {}).items())
+        rows.append({"result": "mask-image alignment Dice", "value": f"{align['all']['mean']:.3f}", "detail": per})
+    comp = down.get("comparison")
+    if comp and "skipped" in comp:
+        rows.append({"result": "baseline vs combined", "value": "unavailable", "detail": comp["skipped"]})
+    elif comp:
+        for key in sorted(comp["metrics"], key=lambda k: list(_DOWNSTREAM_NAMES).index(k)
+                          if k in _DOWNSTREAM_NAMES else 99):
+            v = comp["metrics"][key]
+            fmt = ".2f" if key == "hd95" else ".3f"
+            rows.append({"result": f"{_DOWNSTREAM_NAMES.get(key, key)}: baseline -> combined",
+                         "value": f"{v['baseline']:{fmt}} -> {v['combined']:{fmt}}",
+                         "detail": f"{v['mean_diff']:+{fmt}} [{v['ci_low']:+{fmt}}, {v['ci_high']:+{fmt}}] 95% CI, "
+                                   f"p {v['p_value']:.2g} ({v['better']} is better)"})
+        rows.append({"result": "downstream runs and test images", "value": "",
+                     "detail": f"{comp['n_baseline_runs']} baseline + {comp['n_combined_runs']} combined run(s), "
+                               f"{comp['n_images']} real test images, paired bootstrap"})
+    return rows
+
+
+QUALITY_COLUMNS = (("metric", "synthetic", "floor", "verdict"),
+                   ("metric", "synthetic vs real", "real vs real (floor)", "verdict"))
+OUTCOME_COLUMNS = (("result", "value", "detail"), ("result", "value", "detail"))
+
+
+def format_table(rows: Sequence[dict[str, str]], columns=QUALITY_COLUMNS, last_width: int = 70) -> str:
+    """Plain-text table (the printed summary); the last column is cut at ``last_width`` characters."""
+    cols, heads = columns
     widths = [max(len(h), *(len(r[c]) for r in rows)) if rows else len(h) for c, h in zip(cols, heads)]
-    widths[-1] = min(widths[-1], 70)
+    widths[-1] = min(widths[-1], last_width)
     line = "  ".join(h.ljust(w) for h, w in zip(heads, widths))
     out = [line, "-" * len(line)]
     for r in rows:
@@ -241,8 +288,10 @@ def render_html(metrics: dict[str, Any], figures: dict[str, Any]) -> str:
              "would score. Synthetic sides are subsampled to that N (mean ± std over draws); floor spread from "
              "group-respecting re-splits of the real data. FID at small N is mostly bias: read it only beside its "
              "floor; KID is unbiased.</p>",
-             _table(summary_rows(metrics), ("metric", "synthetic", "floor", "verdict"),
-                    ("metric", "synthetic vs real", "real vs real (floor)", "verdict"))]
+             _table(summary_rows(metrics), *QUALITY_COLUMNS)]
+    outcomes = outcome_rows(metrics)
+    if outcomes:
+        parts += ["<h2>Privacy and downstream at a glance</h2>", _table(outcomes, *OUTCOME_COLUMNS)]
     weights = (metrics.get("generation") or {}).get("weights")
     if weights:
         parts.append(f"<p class='small'>Inception: {e(weights.get('name', ''))} (sha256 "

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import csv
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -78,10 +80,13 @@ def run_outputs(tmp_path_factory):
     # the stand-in segmenter goes in through the module hook, so run main() in this process
     old = similarity.SEGMENTER_BUILDER
     similarity.SEGMENTER_BUILDER = _standin_builder
+    printed = io.StringIO()
     try:
-        evaluate.main(argv[2:])
+        with contextlib.redirect_stdout(printed):
+            evaluate.main(argv[2:])
     finally:
         similarity.SEGMENTER_BUILDER = old
+    (tmp / "printed.txt").write_text(printed.getvalue())
     return out, paths
 
 
@@ -122,6 +127,16 @@ def test_end_to_end_metrics_and_report(run_outputs):
     assert html.count("data:image/png;base64,") >= 6
     assert html.index("real vs real (floor)") < html.index("Samples per class")
     assert "Closest pairs" in html and "Baseline vs combined" in html
+    assert html.index("Privacy and downstream at a glance") < html.index("Samples per class")
+    # the printed summary: the quality table, then memorisation flags and baseline vs combined with CIs
+    printed = (out.parent / "printed.txt").read_text()
+    assert "real vs real (floor)" in printed
+    n_syn = m["inputs"]["n_synthetic"]
+    assert f"copies (NCC >= 0.95 to a train image)    {m['memorisation']['n_flagged']} of {n_syn}" in printed
+    for name in ("Dice", "IoU", "HD95 (px)", "balanced accuracy"):
+        line = next(ln for ln in printed.splitlines() if ln.startswith(f"{name}: baseline -> combined"))
+        assert "95% CI" in line and "p " in line
+    assert f"{dice['baseline']:.3f} -> {dice['combined']:.3f}" in printed
 
 
 def test_summary_printed(run_outputs, tmp_path_factory, capsys):
