@@ -105,6 +105,10 @@ def outcome_rows(metrics: dict[str, Any]) -> list[dict[str, str]]:
         for key in sorted(comp["metrics"], key=lambda k: list(_DOWNSTREAM_NAMES).index(k)
                           if k in _DOWNSTREAM_NAMES else 99):
             v = comp["metrics"][key]
+            if "skipped" in v:
+                rows.append({"result": _DOWNSTREAM_NAMES.get(key, key), "value": "unavailable",
+                             "detail": v["skipped"]})
+                continue
             fmt = ".2f" if key == "hd95" else ".3f"
             rows.append({"result": f"{_DOWNSTREAM_NAMES.get(key, key)}: baseline -> combined",
                          "value": f"{v['baseline']:{fmt}} -> {v['combined']:{fmt}}",
@@ -367,7 +371,8 @@ def render_html(metrics: dict[str, Any], figures: dict[str, Any]) -> str:
                 rows = [{"metric": k, "baseline": f"{v['baseline']:.4f}", "combined": f"{v['combined']:.4f}",
                          "combined − baseline [95% CI]":
                              f"{v['mean_diff']:+.4f} [{v['ci_low']:+.4f}, {v['ci_high']:+.4f}]",
-                         "p": f"{v['p_value']:.3g}", "N": v["n"]} for k, v in blk["metrics"].items()]
+                         "p": f"{v['p_value']:.3g}", "N": v["n"]} for k, v in blk["metrics"].items()
+                        if "skipped" not in v]
                 parts.append(f"<h3>{title}</h3><p class='small'>{e(blk['note'])}</p>" + _table(rows, list(rows[0])))
         if figures.get("downstream"):
             parts.append(_img(figures["downstream"], "downstream"))
