@@ -12,6 +12,7 @@ help:
 	@echo "make test       the fast CPU test suite"
 	@echo "make test-slow  also the slow end-to-end tests"
 	@echo "make bench      performance benchmarks against peers (bench/)"
+	@echo "make evidence   the whole recipe on BUS-BRA, results in results/busbra/ (CPU: ~5 h)"
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +45,13 @@ demo: $(STAMP)
 	$(PY) evaluate.py --real_data $(DEMO)/phantom64 --synthetic_data $(DEMO)/synthetic \
 	    --baseline_run $(DEMO_RUNS)/seg_real --combined_run $(DEMO_RUNS)/seg_combined --output_dir $(DEMO_RUNS)/report
 	@echo "demo report: $(DEMO_RUNS)/report/report.html"
+
+# ---------------------------------------------------------------------------------------------- evidence
+# The whole recipe on BUS-BRA (../shared/datasets/BUSBRA, or BUSBRA=/path/to/BUSBRA): four segmentation arms x 3
+# seeds, the answer in results/busbra/ (README "Results on real ultrasound"). ~5 h on 2 CPU cores.
+BUSBRA ?= ../shared/datasets/BUSBRA
+evidence: $(STAMP)
+	$(PY) bench/evidence.py --input_dir $(BUSBRA)
 
 clean-demo:
 	rm -rf $(DEMO) $(DEMO_RUNS)

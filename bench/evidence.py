@@ -1,0 +1,359 @@
+#!/usr/bin/env python
+"""Evidence on real ultrasound: the whole recipe on BUS-BRA, end to end, with the answer written to results/busbra/.
+
+Runs each phase as the plain command a user would type (printed before it starts; its output goes to
+<runs_dir>/logs/<task>.log):
+
+  prepare      prepare_busi_dataset.py on BUS-BRA (official case-grouped folds: no patient in two splits)
+  diffusion    train_medsegdiff.py --config configs/busbra_evidence.yaml
+  generate     generate_synthetic.py --balance_to <prepared> --total T (a 50/50 training split of T pairs)
+  combine      create_combined_dataset.py (synthetic pairs in the training split only)
+  seg_<arm>_seed<k>   train_segmentation.py --config configs/busbra_evidence_segmentation.yaml, four arms x seeds:
+               real (standard augmentation), real_strong (strong classic augmentation), synthetic (real + synthetic,
+               standard) and synthetic_strong (real + synthetic, strong), all tested on the same real test split
+  evaluate     evaluate.py: FID/KID beside their real-vs-real floors, SSIM, morphology, memorisation, real vs
+               real + synthetic with paired bootstrap CIs
+
+then summarises every arm (mean and 95% bootstrap CI over the test images, per-image values averaged over seeds)
+and compares each synthetic arm with the best non-synthetic arm, chosen on VALIDATION Dice (nothing is tuned on
+the test split). Tasks run --jobs at a time in dependency order, each with --threads_per_job CPU threads (the two
+real-data arms train while the diffusion model does). Rerunning resumes: every phase resumes on its own, and the
+prepared and combined datasets are kept when they exist (their content fingerprints are part of the runs).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from common.cli import UserError, csv_list, positive_int, run_main  # noqa: E402
+
+ARMS = {  # name -> (uses synthetic data, --augment)
+    "real": (False, "standard"),
+    "real_strong": (False, "strong"),
+    "synthetic": (True, "standard"),
+    "synthetic_strong": (True, "strong"),
+}
+METRICS = ("dice", "iou", "hd95", "balanced_accuracy")
+QUICK = {  # a tiny budget that exercises every phase in about two minutes (tests/test_evidence.py)
+    "img_size": 32,
+    "diffusion": ["--model_channels", "16", "--channel_mult", "1,2", "--transformer_depth", "1", "--num_heads", "2",
+                  "--batch_size", "4", "--max_steps", "12", "--warmup_steps", "2", "--save_every", "6",
+                  "--log_every", "6", "--sample_every", "12", "--samples_per_class", "2", "--sample_steps", "4",
+                  "--val_timesteps", "2"],
+    "generate": ["--steps", "4", "--batch_size", "8"],
+    "segmentation": ["--epochs", "2", "--batch_size", "4", "--base_width", "8", "--depth", "2"],
+    "evaluate": ["--floor_draws", "2", "--kid_subsets", "10", "--diversity_pairs", "20"],
+}
+
+
+@dataclass
+class Task:
+    name: str
+    argv: list[str]
+    deps: list[str] = field(default_factory=list)
+    skip_if: Path | None = None          # an output whose presence means the task is done (datasets only)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input_dir", default=str(ROOT.parent / "shared" / "datasets" / "BUSBRA"),
+                   help="the BUS-BRA folder (Images/, Masks/, bus_data.csv, 5-fold-cv.csv)")
+    p.add_argument("--work_dir", default="data/evidence", help="prepared, synthetic and combined pair datasets")
+    p.add_argument("--runs_dir", default="checkpoints/evidence", help="training runs, logs and the evaluation")
+    p.add_argument("--results_dir", default=None,
+                   help="where the small outputs are copied (default results/busbra; with --quick <runs_dir>/results)")
+    p.add_argument("--img_size", type=positive_int, default=64, help="image size of every phase")
+    p.add_argument("--total", type=positive_int, default=2400,
+                   help="size of the balanced training split, real + synthetic (generate_synthetic.py --total)")
+    p.add_argument("--seeds", type=csv_list, default=["0", "1", "2"], help="segmentation seeds per arm")
+    p.add_argument("--arms", type=csv_list, default=list(ARMS), help=f"arms to train ({', '.join(ARMS)})")
+    p.add_argument("--jobs", type=positive_int, default=2, help="tasks run at the same time")
+    p.add_argument("--threads_per_job", type=positive_int, default=None,
+                   help="CPU threads per task (default: cores // jobs)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny budget (32 px, a few steps and epochs): checks that every phase runs, proves nothing")
+    p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                   help="print the commands and exit")
+    return p
+
+
+def plan(args) -> list[Task]:
+    py = sys.executable
+    size = QUICK["img_size"] if args.quick else args.img_size
+    work, runs = Path(args.work_dir), Path(args.runs_dir)
+    real, syn, comb = work / f"busbra{size}", work / "synthetic", work / "combined"
+    q = QUICK if args.quick else {k: [] for k in QUICK}
+    total = ["--total", "12" if args.quick else str(args.total)]
+    tasks = [
+        Task("prepare", [py, "prepare_busi_dataset.py", "--input_dir", args.input_dir, "--img_size", str(size),
+                         "--output_dir", str(real)], skip_if=real / "dataset.json"),
+        Task("diffusion", [py, "train_medsegdiff.py", "--config", "configs/busbra_evidence.yaml", "--data_dir",
+                           str(real), "--output_dir", str(runs / "medsegdiff"), "--img_size", str(size),
+                           *q["diffusion"]], deps=["prepare"]),
+        Task("generate", [py, "generate_synthetic.py", "--checkpoint_path", str(runs / "medsegdiff" / "best_model.pth"),
+                          "--balance_to", str(real), *total, "--output_dir", str(syn), *q["generate"]],
+             deps=["diffusion"]),
+        Task("combine", [py, "create_combined_dataset.py", "--real_data", str(real), "--synthetic_data", str(syn),
+                         "--output_dir", str(comb), "--link"], deps=["generate"], skip_if=comb / "dataset.json"),
+    ]
+    for arm in args.arms:
+        uses_syn, augment = ARMS[arm]
+        for seed in args.seeds:
+            tasks.append(Task(f"seg_{arm}_seed{seed}", [
+                py, "train_segmentation.py", "--config", "configs/busbra_evidence_segmentation.yaml",
+                "--data_dir", str(comb if uses_syn else real), "--augment", augment, "--seed", str(seed),
+                "--output_dir", str(runs / f"seg_{arm}_seed{seed}"), *q["segmentation"]],
+                deps=["combine" if uses_syn else "prepare"]))
+    ev = [py, "evaluate.py", "--real_data", str(real), "--synthetic_data", str(syn), "--output_dir",
+          str(runs / "evaluation"), *q["evaluate"]]
+    deps = ["generate"]
+    for arm, flag in (("real", "--baseline_run"), ("synthetic", "--combined_run")):
+        if arm in args.arms:
+            for seed in args.seeds:
+                ev += [flag, str(runs / f"seg_{arm}_seed{seed}")]
+                deps.append(f"seg_{arm}_seed{seed}")
+    tasks.append(Task("evaluate", ev, deps=deps))
+    return tasks
+
+
+def run_tasks(tasks: list[Task], jobs: int, threads: int, log_dir: Path) -> dict[str, float]:
+    """Run ``tasks`` respecting their dependencies, ``jobs`` at a time; returns seconds per task."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    pending = {t.name: t for t in tasks}
+    done: set[str] = set()
+    running: dict[str, tuple[subprocess.Popen, float, object]] = {}
+    seconds: dict[str, float] = {}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TQDM_MININTERVAL": "30"}
+    failed = None
+    while pending or running:
+        for name in [n for n, t in pending.items() if failed is None and len(running) < jobs
+                     and all(d in done for d in t.deps)]:
+            if len(running) >= jobs:
+                break
+            task = pending.pop(name)
+            if task.skip_if is not None and task.skip_if.exists():
+                print(f"[{time.strftime('%H:%M:%S')}] {name}: {task.skip_if} exists, kept", flush=True)
+                done.add(name)
+                seconds[name] = 0.0
+                continue
+            fh = open(log_dir / f"{name}.log", "a")
+            cmd = shlex.join(task.argv[1:])
+            fh.write(f"\n$ OMP_NUM_THREADS={threads} python {cmd}\n")
+            fh.flush()
+            print(f"[{time.strftime('%H:%M:%S')}] start {name}: python {cmd}", flush=True)
+            proc = subprocess.Popen(task.argv, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+            running[name] = (proc, time.time(), fh)
+        if failed is not None and not running:
+            break
+        if not pending and not running:
+            break
+        time.sleep(2)
+        for name, (proc, t0, fh) in list(running.items()):
+            code = proc.poll()
+            if code is None:
+                continue
+            fh.close()
+            del running[name]
+            seconds[name] = round(time.time() - t0, 1)
+            if code == 0:
+                done.add(name)
+                print(f"[{time.strftime('%H:%M:%S')}] done  {name} in {seconds[name] / 60:.1f} min", flush=True)
+            else:
+                failed = name
+                tail = (log_dir / f"{name}.log").read_text(errors="replace").strip().splitlines()[-5:]
+                print(f"[{time.strftime('%H:%M:%S')}] FAILED {name} (exit {code}); last lines of "
+                      f"{log_dir / f'{name}.log'}:\n  " + "\n  ".join(tail), flush=True)
+        if failed is None and pending and not running and not any(all(d in done for d in t.deps)
+                                                                  for t in pending.values()):
+            raise RuntimeError(f"unsatisfiable dependencies: {sorted(pending)}")
+    if failed is not None:
+        raise UserError(f"task {failed} failed (see {log_dir / (failed + '.log')}); fix it and rerun the same "
+                        "command: finished work is kept")
+    return seconds
+
+
+# ---------------------------------------------------------------------------------------------- summary
+def _bootstrap_mean(values, weights=None, n_boot: int = 10000, seed: int = 0) -> dict[str, float]:
+    import numpy as np
+    v = np.asarray(values, dtype=np.float64)
+    w = np.ones_like(v) if weights is None else np.asarray(weights, dtype=np.float64)
+    keep = np.isfinite(v)
+    v = v[keep] * w[keep]
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(axis=1)
+    lo, hi = np.quantile(means, [0.025, 0.975])
+    return {"mean": float(v.mean()), "ci_low": float(lo), "ci_high": float(hi), "n": int(len(v))}
+
+
+def arm_summary(run_dirs: list[Path]) -> dict[str, object]:
+    """Mean and 95% CI of each metric over the real test images (per-image values averaged over seeds)."""
+    import numpy as np
+
+    from metrics.similarity import pool_runs
+    pooled = pool_runs(run_dirs)
+    labels = np.array([v["label"] for v in pooled.values()])
+    counts = {lab: int((labels == lab).sum()) for lab in set(labels)}
+    out: dict[str, object] = {"n_runs": len(run_dirs), "n_test_images": len(pooled)}
+    for name in METRICS:
+        if name == "balanced_accuracy":
+            weight = [len(labels) / (len(counts) * counts[lab]) for lab in labels]
+            out[name] = _bootstrap_mean([v["correct"] for v in pooled.values()], weight)
+        else:
+            out[name] = _bootstrap_mean([v[name] for v in pooled.values()])
+    vals = []
+    for d in run_dirs:
+        m = json.loads((Path(d) / "metrics.json").read_text())
+        vals.append(m["best_val_dice"])
+    out["val_dice"] = {"mean": float(np.mean(vals)), "per_seed": vals}
+    out["test_dice_per_seed"] = [json.loads((Path(d) / "metrics.json").read_text())["test"]["overall"]["dice"]["mean"]
+                                 for d in run_dirs]
+    return out
+
+
+def summarise(args, tasks_seconds: dict[str, float]) -> dict[str, object]:
+    from metrics.similarity import compare_runs
+    runs = Path(args.runs_dir)
+    dirs = {arm: [runs / f"seg_{arm}_seed{s}" for s in args.seeds] for arm in args.arms}
+    arms = {arm: arm_summary(d) for arm, d in dirs.items()}
+    non_syn = [a for a in arms if not ARMS[a][0]]
+    best = max(non_syn, key=lambda a: arms[a]["val_dice"]["mean"]) if non_syn else None
+    comparisons = {}
+    if best is not None:
+        for arm in arms:
+            if arm != best:
+                comparisons[f"{arm} - {best}"] = compare_runs(dirs[best], dirs[arm], seed=0)
+    diffusion = json.loads((runs / "medsegdiff" / "config.json").read_text())
+    stats = [json.loads(line) for line in (runs / "medsegdiff" / "stats.jsonl").read_text().splitlines()]
+    train_recs = [s for s in stats if "img_per_s" in s]
+    return {
+        "command": shlex.join(["python", "bench/evidence.py", *sys.argv[1:]]),
+        "quick": bool(args.quick), "seeds": args.seeds, "arms": arms,
+        "best_non_synthetic_arm_by_validation_dice": best, "comparisons": comparisons,
+        "diffusion": {"steps": train_recs[-1]["step"] if train_recs else None,
+                      "img_per_s_median": sorted(s["img_per_s"] for s in train_recs)[len(train_recs) // 2]
+                      if train_recs else None,
+                      "config": {k: diffusion.get(k) for k in ("img_size", "batch_size", "max_steps", "lr",
+                                                              "model_channels", "channel_mult", "prediction_type",
+                                                              "snr_gamma", "patch_size", "resolved_precision",
+                                                              "device_resolved")}},
+        "task_seconds": tasks_seconds,
+        "threads_per_job": args.threads_per_job, "jobs": args.jobs,
+        "machine": {"cpu_count": os.cpu_count(), "platform": sys.platform},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def format_summary(s: dict[str, object]) -> str:
+    lines = [f"{'arm':<18} {'Dice':>22} {'IoU':>22} {'HD95 px':>20} {'bal. acc.':>22} {'val Dice':>9}"]
+    for arm, a in s["arms"].items():
+        cells = []
+        for name in METRICS:
+            v = a[name]
+            fmt = ".2f" if name == "hd95" else ".3f"
+            cells.append(f"{v['mean']:{fmt}} [{v['ci_low']:{fmt}}, {v['ci_high']:{fmt}}]")
+        lines.append(f"{arm:<18} {cells[0]:>22} {cells[1]:>22} {cells[2]:>20} {cells[3]:>22} "
+                     f"{a['val_dice']['mean']:>9.3f}")
+    lines.append(f"best non-synthetic arm by validation Dice: {s['best_non_synthetic_arm_by_validation_dice']}")
+    for name, comp in s["comparisons"].items():
+        if "metrics" not in comp:
+            lines.append(f"{name}: {comp.get('skipped')}")
+            continue
+        parts = []
+        for m in METRICS:
+            v = comp["metrics"][m]
+            if "mean_diff" in v:
+                parts.append(f"{m} {v['mean_diff']:+.3f} [{v['ci_low']:+.3f}, {v['ci_high']:+.3f}] p {v['p_value']:.2g}")
+        lines.append(f"{name}: " + "; ".join(parts))
+    return "\n".join(lines)
+
+
+def copy_results(args, summary: dict[str, object]) -> Path:
+    """The small outputs (no checkpoints, no bulk images) into the results folder."""
+    from common.io import atomic_write_json, atomic_write_text
+    runs, work = Path(args.runs_dir), Path(args.work_dir)
+    res = Path(args.results_dir or (runs / "results" if args.quick else "results/busbra"))
+    res.mkdir(parents=True, exist_ok=True)
+    ev = runs / "evaluation"
+    copies = {ev / "metrics.json": "evaluation_metrics.json", ev / "report.html": "report.html",
+              work / "synthetic" / "preview.png": "synthetic_preview.png",
+              runs / "medsegdiff" / "log.txt": "diffusion_log.txt",
+              runs / "medsegdiff" / "stats.jsonl": "diffusion_stats.jsonl",
+              runs / "medsegdiff" / "config.json": "diffusion_config.json",
+              work / "synthetic" / "generation.json": "generation.json",
+              Path(args.input_dir) / "LICENSE.txt": "BUSBRA_LICENSE.txt"}
+    grids = sorted((runs / "medsegdiff" / "samples").glob("step_*.png"))
+    if grids:
+        copies[grids[-1]] = "diffusion_samples_last.png"
+    for src, name in copies.items():
+        if src.is_file():
+            shutil.copyfile(src, res / name)
+    seg = res / "segmentation"
+    seg.mkdir(exist_ok=True)
+    for arm in args.arms:
+        for s in args.seeds:
+            d = runs / f"seg_{arm}_seed{s}"
+            for f in ("metrics.json", "per_image_test.csv"):
+                if (d / f).is_file():
+                    shutil.copyfile(d / f, seg / f"{arm}_seed{s}_{f}")
+    _real_grid(work, res, QUICK["img_size"] if args.quick else args.img_size)
+    atomic_write_json(res / "summary.json", summary)
+    atomic_write_text(res / "summary.txt", format_summary(summary) + "\n")
+    return res
+
+
+def _real_grid(work: Path, res: Path, size: int) -> None:
+    """real_samples.png: 8 real training pairs per class, laid out like synthetic_preview.png."""
+    from data.pairs import open_pair_dataset
+    from training.visual import grid_from_arrays
+    ds = open_pair_dataset(work / f"busbra{size}")
+    rows = []
+    for lab in ("benign", "malignant"):
+        rows += ds.select(split="train", labels=lab)[:8]
+    if rows:
+        images, masks = ds.load(rows)
+        grid_from_arrays(res / "real_samples.png", list(images), list(masks > 0), rows=2)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    unknown = [a for a in args.arms if a not in ARMS]
+    if unknown:
+        raise UserError(f"--arms: unknown arm(s) {', '.join(unknown)} (known: {', '.join(ARMS)})")
+    try:
+        [int(s) for s in args.seeds]
+    except ValueError:
+        raise UserError(f"--seeds must be integers separated by commas, got {','.join(args.seeds)}") from None
+    if not (Path(args.input_dir) / "bus_data.csv").is_file():
+        raise UserError(f"--input_dir {args.input_dir}: not a BUS-BRA folder (no bus_data.csv); download BUS-BRA "
+                        "(Zenodo 10.5281/zenodo.8231412) and pass its folder")
+    args.threads_per_job = args.threads_per_job or max(1, (os.cpu_count() or 1) // args.jobs)
+    tasks = plan(args)
+    if args.dry_run:
+        for t in tasks:
+            print(f"{t.name}: python {shlex.join(t.argv[1:])}" + (f"   (after {', '.join(t.deps)})" if t.deps else ""))
+        return 0
+    t0 = time.time()
+    seconds = run_tasks(tasks, args.jobs, args.threads_per_job, Path(args.runs_dir) / "logs")
+    seconds["total"] = round(time.time() - t0, 1)
+    summary = summarise(args, seconds)
+    res = copy_results(args, summary)
+    print()
+    print(format_summary(summary))
+    print(f"\nresults: {res} (summary.json, summary.txt, report.html, evaluation_metrics.json, sample grids)")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
