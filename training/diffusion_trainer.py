@@ -241,6 +241,21 @@ class DiffusionTrainer:
         labels = torch.where(drop, torch.full_like(labels, self.args.num_classes), labels)
         return x0, labels
 
+    def train_step(self, x0: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One optimiser step on a batch (loss, backward, clipping, AdamW, LR schedule, EMA); no host sync."""
+        self.model.train()
+        with autocast(self.device, self.precision):
+            loss, parts = self.diffusion.loss(self.net, x0, labels, generator=self.gen)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.lr_sched.step()
+        self.ema.update(self.model)
+        return loss, parts
+
     # ------------------------------------------------------------------ validation and samples
     @torch.no_grad()
     def validate(self) -> float:
@@ -309,23 +324,13 @@ class DiffusionTrainer:
         last_good_step = self.step
         while self.step < self.total_steps:
             x0, labels = self.next_batch()
-            self.model.train()
             try:
-                with autocast(self.device, self.precision):
-                    loss, parts = self.diffusion.loss(self.net, x0, labels, generator=self.gen)
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
+                loss, parts = self.train_step(x0, labels)
             except torch.cuda.OutOfMemoryError:
                 raise UserError(
                     f"CUDA out of memory at step {self.step} (batch {args.batch_size}, {args.img_size} px): lower "
                     "--batch_size, use --precision bf16, add --grad_checkpointing, or shrink the model "
                     "(--model_channels, --transformer_depth, --patch_size 2)") from None
-            self.lr_sched.step()
-            self.ema.update(self.model)
             self.step += 1
             steps_this_run += 1
             bar.update(1)
