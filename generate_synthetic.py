@@ -9,12 +9,17 @@ holds the first N accepted candidates per class. Rerunning the same command resu
 kept, rejected candidates are not redrawn; a larger count adds pairs. The output folder is a pair
 dataset (split train, source synthetic, provenance per pair in metadata.csv) with generation.json (the
 run's settings), rejected.jsonl and preview.png.
+
+Controlled generation (--condition_masks): the mask channel is held fixed at given masks while sampling, so
+the same checkpoint draws images for chosen lesion shapes, sizes and positions (data/conditioned.py).
+--segmenter RUN reports how well the generated images honour their masks (alignment.json).
 """
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from common.cli import make_parser, non_negative_int, parse_config, positive_int, print_config, run_main
+from common.cli import UserError, make_parser, non_negative_int, parse_config, positive_int, print_config, run_main
 from data.synthetic import (DEFAULT_GUIDANCE, DEFAULT_MAX_CANDIDATES_PER_SAMPLE, DEFAULT_MIN_LESION_AREA,
                             DEFAULT_SAMPLER)
 
@@ -34,6 +39,11 @@ EPILOG = """examples:
   torchrun --nproc_per_node 4 generate_synthetic.py --num_samples_per_class 1000 --output_dir ./synthetic_busi
   # print the resolved settings (and the per-class counts) without drawing anything
   python generate_synthetic.py --balance_to ./data/busi_processed --dry-run
+  # controlled generation: one image per training mask of the real data, for masks made larger and moved near
+  # the skin; then how well the images honour the masks, judged by a segmenter trained on real data
+  python generate_synthetic.py --condition_masks ./data/busi_processed --classes malignant \
+      --mask_transform scale=1.3:1.6,place=0.15:0.35 --output_dir ./synthetic_large_superficial \
+      --segmenter checkpoints/segmentation/madgnet_busi_processed_seed0
 """
 
 
@@ -65,6 +75,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_candidates_per_sample", type=positive_int, default=DEFAULT_MAX_CANDIDATES_PER_SAMPLE,
                    help="give up on a class after this many candidates per requested pair (i.e. when rejections "
                         "are that frequent)")
+    g = p.add_argument_group("controlled generation (mask-conditioned)")
+    g.add_argument("--condition_masks", default=None, metavar="SOURCE",
+                   help="draw images for given masks: a pair dataset (the masks of its training split) or a folder of "
+                        "mask PNGs; the mask channel is held fixed while sampling and reproduced exactly. Without "
+                        "--num_samples_per_class: one pair per condition mask")
+    g.add_argument("--mask_transform", default=None, metavar="SPEC",
+                   help="new masks from the given ones, drawn per sample: comma list of scale=A:B, rotate=DEG, "
+                        "elastic=PX, shift=F, place=Y0:Y1 (lesion centroid depth as a fraction of the height), "
+                        "flip=P; e.g. scale=1.3:1.6,place=0.15:0.35")
+    g.add_argument("--condition_labels", default="same", choices=("same", "any"),
+                   help="with a labelled --condition_masks: each class uses the masks of its own label, or all")
+    g.add_argument("--segmenter", default=None, metavar="RUN",
+                   help="a train_segmentation.py run: report mask-image alignment (Dice between each written mask "
+                        "and the segmenter's prediction on its image) in alignment.json")
     g = p.add_argument_group("sampling")
     g.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS,
                    help="diffusers scheduler: ddpm (ancestral, slow), ddim (deterministic), dpmsolver++ "
@@ -93,10 +117,19 @@ def main(argv=None, *, after_batch=None) -> int:
     from models.diffusion import DEFAULT_STEPS
     args = parse_config(build_parser(), argv)
     classes = resolve_classes(args.classes)
-    counts = resolve_counts(classes, args.num_samples_per_class, args.balance_to, args.total, DEFAULT_COUNT)
+    if args.mask_transform and not args.condition_masks:
+        raise UserError("--mask_transform changes condition masks: give --condition_masks as well")
+    if args.condition_masks and args.num_samples_per_class is None and not args.balance_to:
+        counts = None   # one pair per condition mask, counted once the masks are read
+    else:
+        counts = resolve_counts(classes, args.num_samples_per_class, args.balance_to, args.total, DEFAULT_COUNT)
+    if args.mask_transform:
+        from data.conditioned import MaskTransform
+        MaskTransform.parse(args.mask_transform)   # a bad spec fails before the checkpoint is read
     if args.dry_run:
         print_config(args)
-        print(f"resolved: counts {counts}, {args.sampler} with {args.steps or DEFAULT_STEPS[args.sampler]} steps")
+        what = "one pair per condition mask" if counts is None else f"counts {counts}"
+        print(f"resolved: {what}, {args.sampler} with {args.steps or DEFAULT_STEPS[args.sampler]} steps")
         return 0
     req = GenerationRequest(
         checkpoint_path=args.checkpoint_path, output_dir=args.output_dir, classes=classes, counts=counts,
@@ -104,12 +137,37 @@ def main(argv=None, *, after_batch=None) -> int:
         seed=args.seed, min_lesion_area=args.min_lesion_area,
         max_candidates_per_sample=args.max_candidates_per_sample, device=args.device, precision=args.precision,
         command=args.command,
-        extra={k: v for k, v in (("balance_to", args.balance_to), ("total", args.total)) if v is not None})
+        extra={k: v for k, v in (("balance_to", args.balance_to), ("total", args.total)) if v is not None},
+        condition_masks=args.condition_masks, mask_transform=args.mask_transform,
+        condition_labels=args.condition_labels)
+    if args.segmenter and not (Path(args.segmenter) / "best_model.pth").is_file():
+        raise UserError(f"--segmenter {args.segmenter}: no best_model.pth (pass a train_segmentation.py run folder)")
     from data.synthetic import generate
     summary = generate(req, after_batch=after_batch)
     if "per_class" in summary:   # rank 0
         print(format_summary(summary))
+        if args.segmenter:
+            print(report_alignment(args.output_dir, args.segmenter, args.device))
     return 0
+
+
+def report_alignment(output_dir: str, run: str, device: str) -> str:
+    """alignment.json: how well the generated images honour their masks, judged by a real-data segmenter."""
+    import torch
+
+    from common.io import atomic_write_json
+    from data.pairs import open_pair_dataset
+    from metrics.similarity import load_segmenter, mask_alignment, predict_masks
+    ds = open_pair_dataset(output_dir)
+    images, masks = ds.load()
+    model, size = load_segmenter(run)
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    res = mask_alignment(masks, predict_masks(model, images, size, device=dev), [r["label"] for r in ds.rows])
+    res["segmenter"] = str(Path(run).resolve())
+    atomic_write_json(Path(output_dir) / "alignment.json", res)
+    per = ", ".join(f"{k} {v['mean']:.3f}" for k, v in res["per_class"].items())
+    return (f"mask-image alignment (Dice of each mask with the segmenter's prediction on its image): "
+            f"{res['all']['mean']:.3f} over {res['all']['n']} pairs ({per}); {Path(output_dir) / 'alignment.json'}")
 
 
 if __name__ == "__main__":

@@ -224,12 +224,16 @@ class GenerationRequest:
     precision: str = "auto"
     command: str = ""
     extra: dict[str, Any] = field(default_factory=dict)   # e.g. balance_to / total, recorded only
+    condition_masks: str | None = None                     # mask-conditioned mode (data/conditioned.py)
+    mask_transform: str | None = None
+    condition_labels: str = "same"
 
 
 def run_identity(req: GenerationRequest, ckpt: dict[str, Any], checkpoint_sha256: str, steps: int,
                  device_type: str, precision: str) -> dict[str, Any]:
     """Everything that decides the pixels of candidate j: a folder holding another identity is refused."""
-    return {"generation_format": GENERATION_FORMAT, "mode": "joint", "checkpoint_sha256": checkpoint_sha256,
+    return {"generation_format": GENERATION_FORMAT, "mode": "joint" if req.condition_masks is None else
+            "mask_conditioned", "checkpoint_sha256": checkpoint_sha256,
             "img_size": int(ckpt["img_size"]), "classes": list(req.classes), "sampler": req.sampler,
             "steps": int(steps), "guidance_scale": float(req.guidance_scale), "seed": int(req.seed),
             "min_lesion_area": int(req.min_lesion_area), "device_type": device_type, "precision": precision,
@@ -312,16 +316,19 @@ class JointSampler:
     :class:`FixedRows` and :func:`batch_invariant_kernels`)."""
 
     def __init__(self, model, diffusion, ckpt: dict[str, Any], device, precision: str, sampler: str, steps: int,
-                 guidance_scale: float):
+                 guidance_scale: float, resample: int = 1):
         rows = model_rows(device)
         self.model = FixedRows(model, rows) if rows else model
         self.diffusion, self.device, self.precision = diffusion, device, precision
-        self.sampler, self.steps, self.guidance_scale = sampler, steps, guidance_scale
+        self.sampler, self.steps, self.guidance_scale, self.resample = sampler, steps, guidance_scale, resample
         self.img_size = int(ckpt["img_size"])
         self.null_class = len(ckpt["class_names"])
 
-    def draw(self, class_indices: Sequence[int], seeds: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 images [B,H,W] and bool masks [B,H,W]; sample i depends only on seeds[i] and its class."""
+    def draw(self, class_indices: Sequence[int], seeds: Sequence[int], candidates: Sequence[int] | None = None,
+             known=None, known_channels: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 images [B,H,W] and bool masks [B,H,W]; sample i depends only on seeds[i] and its class (and
+        ``known[i]``: given channels in model space, [B,k,H,W], by default the mask channel (mask-conditioned
+        sampling); ``known_channels=[0]`` gives the image instead (segmentation by the diffusion model))."""
         import torch
 
         from models.diffusion import model_space_to_images
@@ -332,7 +339,10 @@ class JointSampler:
             x = self.diffusion.sample(self.model, labels, gens, self.img_size, sampler=self.sampler,
                                       steps=self.steps, guidance_scale=self.guidance_scale,
                                       null_class=self.null_class,
-                                      autocast=lambda: autocast(self.device, self.precision))
+                                      autocast=lambda: autocast(self.device, self.precision),
+                                      known=known, known_channels=None if known is None else
+                                      list(known_channels or range(1, 1 + known.shape[1])),
+                                      resample=self.resample)
         images, masks = model_space_to_images(x)
         return images[:, 0].cpu().numpy(), masks[:, 0].cpu().numpy()
 
@@ -406,7 +416,18 @@ def generate(req: GenerationRequest, after_batch: Callable[[int], None] | None =
             raise UserError(f"{req.checkpoint_path}: class {', '.join(unknown)} is not one the checkpoint was trained "
                             f"on ({', '.join(trained)}); pass --classes with some of these")
         steps = req.steps or DEFAULT_STEPS[req.sampler]
+        condition = transform = None
+        if req.condition_masks is not None:
+            from data.conditioned import MaskTransform, load_condition_masks
+            transform = MaskTransform.parse(req.mask_transform)
+            condition = load_condition_masks(req.condition_masks, int(ckpt["img_size"]), req.classes,
+                                             req.condition_labels)
+            if req.counts is None:   # one pair per condition mask
+                req.counts = {c: len(condition.ids[c]) for c in req.classes}
         identity = run_identity(req, ckpt, sha256_file(req.checkpoint_path), steps, device.type, precision)
+        if condition is not None:
+            identity.update(condition_fingerprint=condition.fingerprint(), mask_transform=transform.spec(),
+                            condition_labels=req.condition_labels if condition.labelled else "unlabelled")
         out = Path(req.output_dir)
         check_output_dir(out, identity)
         statuses = scan_output(out, req.classes)   # on every rank, so a bad folder stops them all alike
@@ -416,6 +437,11 @@ def generate(req: GenerationRequest, after_batch: Callable[[int], None] | None =
             (out / "dataset.json").unlink(missing_ok=True)   # never a stale index beside a changing folder
         statuses = _broadcast(statuses, dist)
         sampler = JointSampler(model, diffusion, ckpt, device, precision, req.sampler, steps, req.guidance_scale)
+        describe = None
+        if condition is not None:
+            from data.conditioned import MaskConditionedSampler
+            sampler = MaskConditionedSampler(sampler, trained, condition, transform, req.min_lesion_area)
+            describe = lambda c, j, seed: sampler.condition_mask(c, j, seed)[1]  # noqa: E731
         state = _Loop(req, out, sampler, trained, dist, statuses)
         t_loop = time.time()
         state.run(after_batch)
@@ -426,7 +452,7 @@ def generate(req: GenerationRequest, after_batch: Callable[[int], None] | None =
                    "drawn_this_run": summed[0], "written_this_run": summed[1], "rejected_this_run": summed[2],
                    "sampling_seconds": loop_seconds}
         if dist.is_main:
-            summary.update(finalize(out, req, ckpt, identity, state.statuses))
+            summary.update(finalize(out, req, ckpt, identity, state.statuses, describe))
             summary["total_seconds"] = time.time() - t0
         _barrier(dist)
         return summary
@@ -511,7 +537,7 @@ class _Loop:
 
     def _draw_batch(self, batch: list[tuple[str, int]], rej_path: Path) -> list[tuple[str, int, bool]]:
         seeds = [sample_seed(self.req.seed, self.class_index[c], j) for c, j in batch]
-        images, masks = self.sampler.draw([self.class_index[c] for c, _ in batch], seeds)
+        images, masks = self.sampler.draw([self.class_index[c] for c, _ in batch], seeds, [j for _, j in batch])
         results, lines = [], []
         for (label, j), seed, image, raw in zip(batch, seeds, images, masks):
             mask, area = clean_mask(raw, self.req.min_lesion_area)
@@ -538,8 +564,9 @@ class _Loop:
 
 
 def finalize(out: Path, req: GenerationRequest, ckpt: dict[str, Any], identity: dict[str, Any],
-             statuses: dict[str, dict[int, bool]]) -> dict[str, Any]:
-    """Rank 0: drop accepted pairs beyond the first N, merge rejection records, write index and preview."""
+             statuses: dict[str, dict[int, bool]], describe: Callable | None = None) -> dict[str, Any]:
+    """Rank 0: drop accepted pairs beyond the first N, merge rejection records, write index and preview.
+    ``describe(label, candidate, seed)`` adds provenance columns (the condition mask of mask-conditioned runs)."""
     chosen: dict[str, list[int]] = {}
     prefix: dict[str, int] = {}
     caps = {c: req.max_candidates_per_sample * req.counts[c] for c in req.classes}
@@ -568,7 +595,8 @@ def finalize(out: Path, req: GenerationRequest, ckpt: dict[str, Any], identity: 
                          "checkpoint_step": int(ckpt.get("step", -1)), "seed": sample_seed(req.seed, ci, j),
                          "candidate": j, "sampler": identity["sampler"], "steps": identity["steps"],
                          "guidance_scale": identity["guidance_scale"], "min_lesion_area": identity["min_lesion_area"],
-                         "lesion_area": int(np.count_nonzero(mask))})
+                         "lesion_area": int(np.count_nonzero(mask)),
+                         **(describe(c, j, sample_seed(req.seed, ci, j)) if describe else {})})
             if len(previews[c]) < PREVIEW_PER_CLASS:
                 previews[c].append(pid)
     info = write_index(out, rows, identity["img_size"], req.command,

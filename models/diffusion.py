@@ -155,12 +155,23 @@ class JointDiffusion:
     def sample(self, model: Callable, class_labels: torch.Tensor, generators: Sequence[torch.Generator],
                img_size: int, sampler: str = "dpmsolver++", steps: int | None = None,
                guidance_scale: float = 1.0, null_class: int | None = None,
-               autocast: Callable | None = None, progress: Callable | None = None) -> torch.Tensor:
+               autocast: Callable | None = None, progress: Callable | None = None,
+               known: torch.Tensor | None = None, known_channels: Sequence[int] | None = None,
+               resample: int = 1) -> torch.Tensor:
         """Draw a batch of joint samples [B, C, H, W] in [-1, 1].
 
         ``generators`` holds one CPU ``torch.Generator`` per sample: the sample's initial noise and every
         stochastic step draw only from its own generator, so a sample does not depend on its batch.
         ``guidance_scale`` > 1 uses classifier-free guidance against ``null_class``.
+
+        ``known`` ([B, len(known_channels), H, W], model space) holds channels that are given rather than drawn
+        (replacement conditioning, as in RePaint without resampling): after every step those channels of
+        ``x_t`` are replaced by the known values noised to the next timestep with ``add_noise`` (fresh noise
+        from each sample's generator), and the result carries the known values exactly. With the mask channel
+        known the model draws an image for a given mask; with the image channel known it segments.
+        ``resample`` > 1 (DDIM / DDPM only: their steps keep no history) repeats every step that many times,
+        re-noising the result back to the step's timestep in between (RePaint's resampling, jump length 1), so
+        the drawn channels can agree with the known ones at every noise level.
         """
         steps = steps or DEFAULT_STEPS[sampler]
         device = class_labels.device
@@ -169,6 +180,13 @@ class JointDiffusion:
             raise ValueError(f"need one generator per sample ({b}), got {len(generators)}")
         c = self.config
         shape = (b, c.image_channels + c.mask_channels, img_size, img_size)
+        kc = list(known_channels or [])
+        if (known is None) != (not kc):
+            raise ValueError("known and known_channels go together")
+        if known is not None and tuple(known.shape) != (b, len(kc), img_size, img_size):
+            raise ValueError(f"known must be [{b}, {len(kc)}, {img_size}, {img_size}], got {tuple(known.shape)}")
+        if resample < 1 or (resample > 1 and (known is None or sampler == "dpmsolver++")):
+            raise ValueError("resample > 1 needs known channels and the ddim or ddpm sampler")
         sched = self.make_scheduler(sampler, steps)
         gens = list(generators)
         x = randn_tensor(shape, generator=gens, device=device, dtype=torch.float32)
@@ -179,21 +197,63 @@ class JointDiffusion:
         labels_in = torch.cat([class_labels, torch.full_like(class_labels, null_class)]) if use_cfg else class_labels
         ctx = autocast if autocast is not None else _nullcontext
         timesteps = sched.timesteps
+        if known is not None:
+            known = known.to(device=device, dtype=torch.float32)
+            x[:, kc] = self._noised_known(known, timesteps[0], gens)
+        ac = self.scheduler.alphas_cumprod.to(device)
         for i, t in enumerate(timesteps):
-            x_in = torch.cat([x, x]) if use_cfg else x
-            x_in = sched.scale_model_input(x_in, t)
-            t_in = torch.full((x_in.shape[0],), int(t), device=device, dtype=torch.long)
-            with ctx():
-                out = model(x_in, t_in, labels_in)
-            out = out.float()
-            if use_cfg:
-                cond, uncond = out.chunk(2)
-                out = uncond + guidance_scale * (cond - uncond)
-            step_kwargs = {"generator": gens} if sampler == "ddpm" else {}
-            x = sched.step(out, t, x, **step_kwargs).prev_sample
+            t_next = timesteps[i + 1] if i + 1 < len(timesteps) else None
+            for r in range(resample if t_next is not None else 1):
+                if r:   # RePaint: back from t_next to t with fresh noise, then the step again
+                    keep = (ac[int(t)] / ac[int(t_next)]).float()
+                    noise = randn_tensor(shape, generator=gens, device=device, dtype=torch.float32)
+                    x = keep.sqrt() * x + (1 - keep).sqrt() * noise
+                x_in = torch.cat([x, x]) if use_cfg else x
+                x_in = sched.scale_model_input(x_in, t)
+                t_in = torch.full((x_in.shape[0],), int(t), device=device, dtype=torch.long)
+                with ctx():
+                    out = model(x_in, t_in, labels_in)
+                out = out.float()
+                if use_cfg:
+                    cond, uncond = out.chunk(2)
+                    out = uncond + guidance_scale * (cond - uncond)
+                step_kwargs = {"generator": gens} if sampler == "ddpm" else {}
+                x = sched.step(out, t, x, **step_kwargs).prev_sample
+                if known is not None:
+                    x[:, kc] = self._noised_known(known, t_next, gens) if t_next is not None else known
             if progress is not None:
                 progress(i + 1, len(timesteps))
         return x.clamp(-1.0, 1.0)
+
+    def _noised_known(self, known: torch.Tensor, t, gens: Sequence[torch.Generator]) -> torch.Tensor:
+        """``known`` noised to timestep ``t`` (q(x_t | x_0)), the noise drawn from each sample's own generator."""
+        noise = randn_tensor(tuple(known.shape), generator=list(gens), device=known.device, dtype=torch.float32)
+        ts = torch.full((known.shape[0],), int(t), device=known.device, dtype=torch.long)
+        return self.scheduler.add_noise(known, noise, ts)
+
+
+    @torch.inference_mode()
+    def class_errors(self, model: Callable, x0: torch.Tensor, num_classes: int, n_timesteps: int = 16,
+                     seed: int = 0) -> torch.Tensor:
+        """Denoising error of ``x0`` [B,C,H,W] under each class label, [B, num_classes] (lower = more likely).
+
+        The "diffusion classifier" (Li et al. 2023): the same fixed timesteps (evenly spaced) and noise for every
+        class, so the classes are compared on equal terms; the noise of image i comes from a generator seeded with
+        ``seed + i``. Each image is one batch of ``n_timesteps x num_classes`` rows."""
+        b = x0.shape[0]
+        t_grid = ((torch.arange(n_timesteps) + 0.5) / n_timesteps * self.config.num_train_timesteps).long()
+        ts = t_grid.repeat_interleave(num_classes).to(x0.device)                  # [T*K]: t0 t0 t1 t1 ...
+        labels = torch.arange(num_classes, device=x0.device).repeat(n_timesteps)  # [T*K]: 0 1 0 1 ...
+        errors = torch.zeros(b, num_classes)
+        for i in range(b):
+            gen = torch.Generator().manual_seed(int(seed) + i)
+            noise = torch.randn((n_timesteps, *x0.shape[1:]), generator=gen).to(x0.device)
+            noise = noise.repeat_interleave(num_classes, dim=0)                     # the same noise for each class
+            xi = x0[i:i + 1].expand(len(ts), -1, -1, -1)
+            x_t = self.scheduler.add_noise(xi, noise, ts)
+            err = (model(x_t, ts, labels).float() - self.target(xi, noise, ts).float()).pow(2).mean(dim=(1, 2, 3))
+            errors[i] = err.view(n_timesteps, num_classes).sum(0).cpu()
+        return errors / n_timesteps
 
 
 class _nullcontext:

@@ -13,40 +13,18 @@ import pytest
 import torch
 
 import generate_synthetic
-import train_medsegdiff
 from common.cli import UserError
 from common.io import sha256_file
 from data import synthetic
-from data.pairs import PairDatasetWriter, open_pair_dataset, write_index
-from training.checkpoint import load_checkpoint, save_checkpoint
+from data.pairs import open_pair_dataset, write_index
 
-TINY = ["--img_size", "16", "--model_channels", "16", "--channel_mult", "1,2", "--num_res_blocks", "1",
-        "--transformer_depth", "1", "--num_heads", "2", "--batch_size", "4", "--max_steps", "1",
-        "--sample_every", "0", "--val_timesteps", "1", "--device", "cpu", "--precision", "fp32"]
+from conftest import make_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    """A tiny 16-px MedSegDiffV2 checkpoint, trained for one step on a few generated pairs."""
-    root = tmp_path_factory.mktemp("gen")
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[:16, :16]
-    with PairDatasetWriter(root / "pairs", 16) as w:
-        for i in range(10):
-            m = (yy - 8) ** 2 + (xx - 8) ** 2 < (3 + i % 3) ** 2
-            img = np.clip(rng.normal(150, 25, (16, 16)) - 90 * m, 0, 255).astype(np.uint8)
-            w.add(f"c{i:02d}", img, m, label=("benign", "malignant")[i % 2], split="val" if i >= 8 else "train",
-                  source="real")
-        w.commit("test")
-    train_medsegdiff.main(["--data_dir", str(root / "pairs"), "--output_dir", str(root / "run"), *TINY])
-    # after one step the zero-initialised output layers still silence the network; randomise the weights so
-    # that every layer shapes the samples (and any batch-dependent arithmetic would show)
-    ckpt = load_checkpoint(root / "run" / "best_model.pth")
-    g = torch.Generator().manual_seed(0)
-    ckpt["ema"] = {k: v + 0.3 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
-                   for k, v in ckpt["ema"].items()}
-    save_checkpoint(root / "run" / "best_model.pth", {k: v for k, v in ckpt.items() if k != "format"})
-    return str(root / "run" / "best_model.pth")
+    """A tiny 16-px MedSegDiffV2 checkpoint with randomised weights (conftest.make_tiny_checkpoint)."""
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("gen"))
 
 
 def gen(ckpt, out, *extra, after_batch=None):
@@ -157,7 +135,7 @@ def test_each_sampler_writes_a_valid_dataset(ckpt, tmp_path):
         assert len(ds) == 2 and {r["sampler"] for r in ds.rows} == {sampler}
 
 
-def fake_draw(self, class_indices, seeds):
+def fake_draw(self, class_indices, seeds, candidates=None):
     """A stand-in model: the mask is empty when seed % 3 == 1, else a lesion of 4 + seed % 5 pixels."""
     n = len(seeds)
     images = np.stack([np.full((16, 16), s % 256, np.uint8) for s in seeds])
