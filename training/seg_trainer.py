@@ -198,7 +198,8 @@ class SegTrainer:
         self.spec = segmenter_spec(self.model)
         self.n_params = count_parameters(self.model)
         self.encoder_source = getattr(self.model, "encoder_source", None)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                                           fused=device.type in ("cuda", "cpu"))
         self.steps_per_epoch = len(self.train) // args.batch_size
         self.total_steps = args.epochs * self.steps_per_epoch
         warmup = min(args.warmup_steps, max(1, self.total_steps // 20))

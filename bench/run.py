@@ -1,0 +1,403 @@
+#!/usr/bin/env python
+"""Performance benchmarks, each figure a ratio against a peer measured in the same run (`make bench`).
+
+Sections (the CPU sizes in brackets; a GPU run uses the larger sizes given by --gpu_* flags):
+
+  matmul      dense fp32 (GPU: bf16) matmul FLOP/s on this device: the peak the other figures are divided by
+  train       MedSegDiffV2 training step [64 px, batch 8, fp32]: model FLOPs per step counted with
+              torch.utils.flop_counter / step time, as a fraction of the matmul FLOP/s; and images/s against
+              diffusers' UNet2DModel (UNet2DPeer) sized to the same FLOPs per image (within 10%)
+  quality     time to quality: both trained on the phantom by train_medsegdiff.py for the same wall-clock budget
+              [32 px], then FID/KID of 64 samples each against the real phantom set (offline FID Inception)
+  sampling    seconds per sample and FID for DDPM-1000, DDIM-50 and DPM-Solver++-20 on the quality run's checkpoint
+  memory      peak memory of a training step (CUDA: max allocated; CPU: activations saved for backward + weights,
+              gradients, AdamW and EMA states), and the same estimate for configs/busi256.yaml and
+              configs/busi512.yaml on a GPU (activations measured at batch 1 under bf16 autocast, x batch)
+  data        samples/s the in-memory input pipeline supplies vs the samples/s a training step consumes
+  prepare     prepare_busi_dataset.py throughput on a 300-case phantom at 64 px (images/s)
+
+Prints a table and writes bench/results.json (the committed file is the latest CPU run).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from common.cli import run_main  # noqa: E402
+
+SECTIONS = ("matmul", "train", "quality", "sampling", "memory", "data", "prepare")
+# the benchmarked MedSegDiffV2: the demo preset's network (configs/demo.yaml)
+OURS = dict(model_channels=32, channel_mult=(1, 2, 2, 4), num_res_blocks=2, transformer_depth=2, num_heads=4,
+            patch_size=2)
+OURS_FLAGS = ["--model_channels", "32", "--channel_mult", "1,2,2,4", "--num_res_blocks", "2",
+              "--transformer_depth", "2", "--num_heads", "4", "--patch_size", "2"]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, warmup: int, reps: int) -> float:
+    """Median seconds of ``fn()`` over ``reps`` calls after ``warmup``."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+# ---------------------------------------------------------------------------------------------- matmul
+def matmul_peak(device, dtype) -> float:
+    n = 2048 if device.type == "cpu" else 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sec = timed(lambda: a @ b, device, 2, 7)
+    return 2 * n ** 3 / sec
+
+
+# ---------------------------------------------------------------------------------------------- models
+def build(arch: str, img_size: int, peer_width: int | None = None) -> torch.nn.Module:
+    from models.denoisers import build_denoiser
+    if arch == "MedSegDiffV2":
+        return build_denoiser("MedSegDiffV2", {"img_size": img_size, **OURS})
+    c = peer_width
+    return build_denoiser("UNet2DPeer", {"img_size": img_size, "block_out_channels": [c, 2 * c, 2 * c, 4 * c]})
+
+
+def step_flops(model, diffusion, batch: int, img_size: int, device="meta") -> int:
+    """FLOPs of one training step (forward + backward) counted by torch.utils.flop_counter on meta tensors."""
+    from torch.utils.flop_counter import FlopCounterMode
+    import copy
+    m = copy.deepcopy(model).to(device)
+    x0 = torch.zeros(batch, 2, img_size, img_size, device=device)
+    y = torch.zeros(batch, dtype=torch.long, device=device)
+    t = torch.full((batch,), 500, device=device, dtype=torch.long)
+    noise = torch.zeros_like(x0)
+    with FlopCounterMode(display=False) as counter:
+        loss, _ = diffusion.loss(m, x0, y, timesteps=t, noise=noise)
+        loss.backward()
+    return int(counter.get_total_flops())
+
+
+def equal_flops_peer(ours_flops: int, diffusion, batch: int, img_size: int) -> tuple[int, int]:
+    """UNet2DPeer base width whose step FLOPs are closest to ours (widths c, 2c, 2c, 4c; c a multiple of 8)."""
+    best = None
+    for c in range(8, 257, 8):
+        f = step_flops(build("UNet2DPeer", img_size, c), diffusion, batch, img_size)
+        if best is None or abs(f - ours_flops) < abs(best[1] - ours_flops):
+            best = (c, f)
+        if f > 1.3 * ours_flops:
+            break
+    return best
+
+
+def make_trainer(tmp: Path, data_dir: Path, img_size: int, batch: int, device: torch.device, precision: str,
+                 extra: list[str]):
+    import train_medsegdiff
+    from training.diffusion_trainer import DiffusionTrainer
+    from training.distributed import DistInfo
+    from common.cli import resolved_config
+    args = train_medsegdiff.build_parser().parse_args(
+        ["--config", str(ROOT / "configs" / "demo.yaml"), "--data_dir", str(data_dir), "--output_dir", str(tmp),
+         "--img_size", str(img_size), "--batch_size", str(batch), "--device", str(device), *extra])
+    args.command = "bench"
+    return DiffusionTrainer(args, resolved_config(args), DistInfo(), device, precision)
+
+
+def train_speed(trainer, device, reps: int) -> float:
+    """Median seconds per optimiser step, the trainer's own next_batch + train_step."""
+    def one():
+        x0, labels = trainer.next_batch()
+        trainer.train_step(x0, labels)
+    return timed(one, device, 3, reps)
+
+
+def data_speed(trainer, device, reps: int = 50) -> float:
+    return timed(trainer.next_batch, device, 3, reps)
+
+
+# ---------------------------------------------------------------------------------------------- memory
+def activation_bytes(model, batch: int, img_size: int) -> int:
+    """Bytes of the activations autograd saves for the backward pass of one forward (fp32, CPU; each storage
+    counted once, parameters excluded: they are in :func:`state_bytes`)."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if not (t.is_leaf and t.requires_grad):
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    x0 = torch.zeros(batch, 2, img_size, img_size)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x0, torch.full((batch,), 500, dtype=torch.long), torch.zeros(batch, dtype=torch.long),
+              return_anchor=True)
+    return sum(seen.values())
+
+
+def state_bytes(model) -> int:
+    """fp32 weights + gradients + AdamW (2 moments) + EMA copy."""
+    return 5 * sum(p.numel() for p in model.parameters()) * 4
+
+
+def preset_memory(path: Path) -> dict[str, object]:
+    """GPU memory estimate of a preset: the activations saved for backward, measured at batch 1 on the CPU (fp32,
+    and under bf16 autocast) x batch, plus fp32 weights, gradients, AdamW moments and EMA. Not included: the
+    CUDA context, cuDNN workspaces and allocator fragmentation (typically 1-2 GiB more)."""
+    import yaml
+
+    from models.denoisers import build_denoiser
+    cfg = yaml.safe_load(path.read_text())
+    kw = {k: cfg[k] for k in ("img_size", "model_channels", "num_res_blocks", "transformer_depth", "num_heads",
+                              "use_transformer", "patch_size", "use_anchor") if k in cfg}
+    if cfg.get("channel_mult"):
+        kw["channel_mult"] = [int(c) for c in str(cfg["channel_mult"]).split(",")]
+    model = build_denoiser("MedSegDiffV2", kw)
+    act = activation_bytes(model, 1, cfg["img_size"]) * cfg["batch_size"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):   # the same autocast policy as --precision bf16 on a GPU
+        act_bf16 = activation_bytes(model, 1, cfg["img_size"]) * cfg["batch_size"]
+    states = state_bytes(model)
+    return {"preset": path.name, "img_size": cfg["img_size"], "batch_size": cfg["batch_size"],
+            "patch_size": cfg.get("patch_size", 1), "parameters": sum(p.numel() for p in model.parameters()),
+            "activations_fp32_gib": act / 2**30, "activations_bf16_gib": act_bf16 / 2**30,
+            "states_gib": states / 2**30, "total_bf16_gib_estimate": (act_bf16 + states) / 2**30}
+
+
+# ---------------------------------------------------------------------------------------------- quality
+def run(cmd: list[str], log: Path, threads: int | None = None) -> str:
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, env=env)
+    log.write_text(proc.stdout + proc.stderr)
+    if proc.returncode:
+        raise RuntimeError(f"{cmd[0]} failed (see {log}):\n{proc.stderr[-1500:]}")
+    return proc.stdout
+
+
+def fid_kid(images, real_feats, extractor) -> dict[str, float]:
+    from metrics.generation import FEATURE, extract_features, fid, kid
+    f = extract_features(images, extractor, progress=False)[FEATURE]
+    k = kid(f, real_feats, subsets=50, seed=0)
+    return {"fid": fid(f, real_feats), "kid": k[0], "kid_std": k[1], "n": len(images)}
+
+
+def sample(ckpt: Path, out: Path, sampler: str, steps: int, n_per_class: int, log: Path) -> dict[str, object]:
+    import re
+    stdout = run(["generate_synthetic.py", "--checkpoint_path", str(ckpt), "--num_samples_per_class", str(n_per_class),
+                  "--sampler", sampler, "--steps", str(steps), "--output_dir", str(out), "--min_lesion_area", "1",
+                  "--max_candidates_per_sample", "50"], log)
+    from data.pairs import open_pair_dataset
+    gen = json.loads((out / "dataset.json").read_text())
+    images, _ = open_pair_dataset(out).load()
+    m = re.search(r"drew (\d+) candidates.*; sampling ([0-9.]+) s", stdout)   # the sampling loop, not start-up
+    return {"images": images, "sampling_s": float(m.group(2)), "n": int(m.group(1))}
+
+
+# ---------------------------------------------------------------------------------------------- main
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {','.join(SECTIONS)}")
+    p.add_argument("--budget_minutes", type=float, default=2.5,
+                   help="wall-clock training budget of each model in the quality section")
+    p.add_argument("--quality_size", type=int, default=32, help="image size of the quality and sampling sections")
+    p.add_argument("--output", default=str(ROOT / "bench" / "results.json"), help="results JSON")
+    p.add_argument("--work_dir", default=None, help="scratch folder (default: a temporary one, removed)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    gpu = device.type == "cuda"
+    precision = "bf16" if gpu else "fp32"
+    size, batch = (256, 8) if gpu else (64, 8)
+    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="busdiff_bench_"))
+    work.mkdir(parents=True, exist_ok=True)
+    res: dict[str, object] = {"device": torch.cuda.get_device_name(device) if gpu else
+                              f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, "
+                              f"{torch.get_num_threads()} threads)",
+                              "torch": torch.__version__, "precision": precision, "created": time.strftime("%F %T"),
+                              "command": "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    lines = []
+
+    def say(text):
+        print(text, flush=True)
+        lines.append(text)
+
+    t_all = time.time()
+    from models.diffusion import DiffusionConfig, JointDiffusion
+    diffusion = JointDiffusion(DiffusionConfig(prediction_type="v_prediction", snr_gamma=5.0))
+    peak = None
+    if "matmul" in sections or "train" in sections:
+        peak = matmul_peak(device, torch.bfloat16 if gpu else torch.float32)
+        res["matmul_flops_per_s"] = peak
+        say(f"matmul peak: {peak / 1e9:.1f} GFLOP/s ({'bf16' if gpu else 'fp32'})")
+    # a phantom pair dataset for the trainer-based sections
+    data_dir = work / f"phantom{size}"
+    if any(s in sections for s in ("train", "data", "memory")) and not (data_dir / "dataset.json").exists():
+        run(["prepare_busi_dataset.py", "--phantom", "120", "--img_size", str(size), "--output_dir", str(data_dir)],
+            work / "prepare_train.log")
+    if "train" in sections:
+        ours_model = build("MedSegDiffV2", size)
+        ours_flops = step_flops(ours_model, diffusion, batch, size)
+        c, peer_flops = equal_flops_peer(ours_flops, diffusion, batch, size)
+        tr_ours = make_trainer(work / "t_ours", data_dir, size, batch, device, precision, OURS_FLAGS)
+        tr_peer = make_trainer(work / "t_peer", data_dir, size, batch, device, precision,
+                               ["--arch", "UNet2DPeer", "--peer_channels", f"{c},{2 * c},{2 * c},{4 * c}"])
+        reps = 20 if gpu else 8
+        s_ours = train_speed(tr_ours, device, reps)
+        s_peer = train_speed(tr_peer, device, reps)
+        s_ours = min(s_ours, train_speed(tr_ours, device, reps))   # interleaved second pass: the machine is shared
+        s_peer = min(s_peer, train_speed(tr_peer, device, reps))
+        res["train"] = {"img_size": size, "batch": batch, "ours_parameters": tr_ours.n_params,
+                        "peer_parameters": tr_peer.n_params, "peer_block_out_channels": [c, 2 * c, 2 * c, 4 * c],
+                        "ours_step_flops": ours_flops, "peer_step_flops": peer_flops,
+                        "flops_ratio_peer_vs_ours": peer_flops / ours_flops,
+                        "ours_s_per_step": s_ours, "peer_s_per_step": s_peer,
+                        "ours_img_per_s": batch / s_ours, "peer_img_per_s": batch / s_peer}
+        res["train_fraction_of_matmul_peak"] = ours_flops / s_ours / peak
+        res["peer_fraction_of_matmul_peak"] = peer_flops / s_peer / peak
+        # equal FLOPs per image within 10%: images/s ratio, scaled by the residual FLOP difference
+        res["train_speedup_vs_unet2d"] = (s_peer / s_ours)
+        res["train_speedup_vs_unet2d_per_flop"] = (ours_flops / s_ours) / (peer_flops / s_peer)
+        say(f"train step ({size} px, batch {batch}): ours {tr_ours.n_params / 1e6:.2f}M params "
+            f"{ours_flops / 1e9:.1f} GFLOP/step {s_ours:.3f} s/step = {res['train_fraction_of_matmul_peak']:.2f} of "
+            f"matmul peak; UNet2DModel peer {tr_peer.n_params / 1e6:.2f}M params {peer_flops / 1e9:.1f} GFLOP/step "
+            f"(x{peer_flops / ours_flops:.2f}) {s_peer:.3f} s/step = {res['peer_fraction_of_matmul_peak']:.2f}; "
+            f"images/s ours/peer {res['train_speedup_vs_unet2d']:.2f}")
+        if "data" in sections:
+            s_data = data_speed(tr_ours, device)
+            res["data"] = {"supplied_img_per_s": batch / s_data, "consumed_img_per_s": batch / s_ours,
+                           "ratio": s_ours / s_data}
+            say(f"input pipeline: {batch / s_data:.0f} img/s supplied vs {batch / s_ours:.1f} consumed "
+                f"(x{s_ours / s_data:.0f} headroom)")
+        del tr_ours, tr_peer
+    if "memory" in sections:
+        model = build("MedSegDiffV2", size)
+        mem: dict[str, object] = {}
+        if gpu:
+            tr = make_trainer(work / "t_mem", data_dir, size, batch, device, precision, OURS_FLAGS)
+            torch.cuda.reset_peak_memory_stats(device)
+            train_speed(tr, device, 3)
+            mem["measured_peak_bytes"] = torch.cuda.max_memory_allocated(device)
+            res["peak_memory_bytes"] = mem["measured_peak_bytes"]
+        else:
+            act = activation_bytes(model, batch, size)
+            mem["activations_bytes"] = act
+            mem["states_bytes"] = state_bytes(model)
+            res["peak_memory_bytes"] = act + mem["states_bytes"]
+        mem["presets"] = [preset_memory(ROOT / "configs" / n) for n in ("busi256.yaml", "busi512.yaml")
+                          if (ROOT / "configs" / n).exists()]
+        res["memory"] = mem
+        say(f"training-step memory ({size} px, batch {batch}): {res['peak_memory_bytes'] / 2**20:.0f} MiB"
+            + ("" if gpu else " (activations saved for backward + weights, grads, AdamW, EMA)"))
+        for p in mem["presets"]:
+            say(f"  {p['preset']}: {p['parameters'] / 1e6:.1f}M params, activations {p['activations_fp32_gib']:.1f} GiB "
+                f"fp32 ({p['activations_bf16_gib']:.1f} bf16 autocast) + states {p['states_gib']:.1f} GiB = "
+                f"~{p['total_bf16_gib_estimate']:.1f} GiB in bf16 at batch {p['batch_size']} (estimate)")
+    ckpts = {}
+    if "quality" in sections or "sampling" in sections:
+        qs = args.quality_size
+        qdata = work / f"phantom{qs}"
+        if not (qdata / "dataset.json").exists():
+            run(["prepare_busi_dataset.py", "--phantom", "400", "--img_size", str(qs), "--output_dir", str(qdata)],
+                work / "prepare_quality.log")
+        from data.pairs import open_pair_dataset
+        from metrics.generation import FEATURE, create_extractor, extract_features, resolve_inception_weights
+        real_ds = open_pair_dataset(qdata)
+        real_images, _ = real_ds.load(real_ds.select(labels=["benign", "malignant"]))
+        extractor = create_extractor(resolve_inception_weights("offline"), "cuda" if gpu else "cpu")
+        real_feats = extract_features(real_images, extractor, progress=False)[FEATURE]
+        ours_q = build("MedSegDiffV2", qs)
+        q_flops = step_flops(ours_q, diffusion, 16, qs)
+        qc, q_peer_flops = equal_flops_peer(q_flops, diffusion, 16, qs)
+        arms = {"ours": OURS_FLAGS, "peer": ["--arch", "UNet2DPeer", "--peer_channels", f"{qc},{2 * qc},{2 * qc},{4 * qc}"]}
+        quality = {"img_size": qs, "budget_minutes": args.budget_minutes, "peer_block_out_channels":
+                   [qc, 2 * qc, 2 * qc, 4 * qc], "flops_ratio_peer_vs_ours": q_peer_flops / q_flops,
+                   "n_real": len(real_images)}
+        for name, flags in arms.items():
+            tr = make_trainer(work / f"probe_{name}", qdata, qs, 16, device, precision, flags)
+            s_step = train_speed(tr, device, 5)
+            del tr
+            steps = max(50, int(args.budget_minutes * 60 / s_step))
+            out = work / f"q_{name}"
+            run(["train_medsegdiff.py", "--config", "configs/demo.yaml", "--data_dir", str(qdata), "--output_dir",
+                 str(out), "--img_size", str(qs), "--max_steps", str(steps), "--time_limit_minutes",
+                 str(args.budget_minutes * 1.15), "--save_every", str(max(1, steps // 4)), "--sample_every", "0",
+                 "--device", str(device), *flags], work / f"train_{name}.log")
+            ckpts[name] = out / "best_model.pth"
+            if "quality" in sections:
+                s = sample(ckpts[name], work / f"gen_{name}", "dpmsolver++", 20, 32, work / f"gen_{name}.log")
+                quality[name] = {"steps": steps, "s_per_step_probe": s_step, **fid_kid(s["images"], real_feats, extractor)}
+        if "quality" in sections:
+            res["quality"] = quality
+            res["fid_ratio_vs_unet2d_same_budget"] = quality["ours"]["fid"] / quality["peer"]["fid"]
+            res["kid_ratio_vs_unet2d_same_budget"] = quality["ours"]["kid"] / max(quality["peer"]["kid"], 1e-9)
+            say(f"time to quality ({qs} px, {args.budget_minutes} min each): ours {quality['ours']['steps']} steps "
+                f"FID {quality['ours']['fid']:.1f} KID {quality['ours']['kid']:.4f}; peer {quality['peer']['steps']} "
+                f"steps FID {quality['peer']['fid']:.1f} KID {quality['peer']['kid']:.4f}; FID ratio "
+                f"{res['fid_ratio_vs_unet2d_same_budget']:.2f}")
+        if "sampling" in sections:
+            samp = {}
+            for sampler, steps, n in (("ddpm", 1000, 16), ("ddim", 50, 32), ("dpmsolver++", 20, 32)):
+                s = sample(ckpts["ours"], work / f"s_{sampler}", sampler, steps, n, work / f"s_{sampler}.log")
+                samp[f"{sampler}-{steps}"] = {"s_per_sample": s["sampling_s"] / s["n"],
+                                              **fid_kid(s["images"], real_feats, extractor)}
+            res["sampling"] = samp
+            d, p = samp["dpmsolver++-20"], samp["ddpm-1000"]
+            res["dpm20_speedup_vs_ddpm1000"] = p["s_per_sample"] / d["s_per_sample"]
+            res["dpm20_fid_ratio_vs_ddpm1000"] = d["fid"] / p["fid"]
+            for k, v in samp.items():
+                say(f"sampling {k}: {v['s_per_sample']:.3f} s/sample (sampling loop, batch 16), FID {v['fid']:.1f}, "
+                    f"KID {v['kid']:.4f} (N={v['n']})")
+            say(f"DPM-Solver++-20 vs DDPM-1000: x{res['dpm20_speedup_vs_ddpm1000']:.1f} faster per sample, FID ratio "
+                f"{res['dpm20_fid_ratio_vs_ddpm1000']:.2f}")
+    if "prepare" in sections:
+        raw = work / "prep"
+        run(["prepare_busi_dataset.py", "--phantom", "300", "--img_size", "64", "--output_dir", str(raw)],
+            work / "prepare_raw.log")
+        t0 = time.time()
+        run(["prepare_busi_dataset.py", "--input_dir", str(raw / "raw"), "--img_size", "64", "--output_dir",
+             str(work / "prep_again")], work / "prepare_timed.log")
+        dt = time.time() - t0
+        n = json.loads((work / "prep_again" / "dataset.json").read_text())["n_pairs"]
+        res["prepare_images_per_s"] = n / dt
+        say(f"prepare_busi_dataset.py: {n} images in {dt:.1f} s = {n / dt:.0f} images/s (whole command, 300 raw "
+            "phantom cases at 64 px)")
+    res["total_seconds"] = round(time.time() - t_all, 1)
+    res["summary_lines"] = lines
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(res, indent=2, sort_keys=True, default=float) + "\n")
+    print(f"\nwrote {args.output} ({res['total_seconds'] / 60:.1f} min)")
+    if not args.work_dir:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
