@@ -46,6 +46,11 @@ demo: $(STAMP)
 	    --baseline_run $(DEMO_RUNS)/seg_real --combined_run $(DEMO_RUNS)/seg_combined --output_dir $(DEMO_RUNS)/report
 	@echo "demo report: $(DEMO_RUNS)/report/report.html"
 
+# ---------------------------------------------------------------------------------------------- benchmarks
+# Ratios against peers measured in the same run; writes bench/results.json (README "Performance"). ~13 min on CPU.
+bench: $(STAMP)
+	$(PY) bench/run.py
+
 # ---------------------------------------------------------------------------------------------- evidence
 # The whole recipe on BUS-BRA (../shared/datasets/BUSBRA, or BUSBRA=/path/to/BUSBRA): four segmentation arms x 3
 # seeds, the answer in results/busbra/ (README "Results on real ultrasound"). ~5 h on 2 CPU cores.
