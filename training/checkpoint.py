@@ -50,6 +50,28 @@ def load_checkpoint(path: str | Path, expect_kind: str | None = None) -> dict[st
     return payload
 
 
+def load_resumable(path: str | Path, kind: str, config: dict[str, Any], resumable_keys: set[str],
+                   resume: str = "auto") -> dict[str, Any] | None:
+    """The ``last.pth`` of a run to continue, or None when there is none.
+
+    Refuses (one UserError) with ``resume='never'``, or when the run was started with settings that differ from
+    ``config`` in a key outside ``resumable_keys`` (run length, logging, hardware and paths may change)."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    if resume == "never":
+        raise UserError(f"{path}: this --output_dir already holds a run; choose another --output_dir, remove "
+                        "it, or pass --resume auto to continue it")
+    ckpt = load_checkpoint(path, expect_kind=kind)
+    old = ckpt.get("config", {})
+    diffs = sorted(k for k in set(old) | set(config) if k not in resumable_keys and old.get(k) != config.get(k))
+    if diffs:
+        detail = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diffs[:6])
+        raise UserError(f"{path}: cannot resume, the run was started with different settings ({detail}); "
+                        "use another --output_dir for a new run")
+    return ckpt
+
+
 def rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():

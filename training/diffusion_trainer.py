@@ -20,7 +20,7 @@ from common.cli import UserError
 from data.pairs import LABEL_INDEX, LABELS, open_pair_dataset
 from models.denoisers import build_denoiser
 from models.diffusion import DiffusionConfig, JointDiffusion, images_to_model_space, model_space_to_images
-from training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from training.checkpoint import load_checkpoint, load_resumable, rng_state, save_checkpoint, set_rng_state
 from training.distributed import DistInfo, all_reduce_mean, barrier, broadcast_flag
 from training.ema import EMA
 from training.precision import autocast, grad_scaler, memory_stats
@@ -184,19 +184,9 @@ class DiffusionTrainer:
 
     def try_resume(self) -> bool:
         path = self.run.file("last.pth")
-        if not path.exists():
+        ckpt = load_resumable(path, "diffusion", self.config, RESUMABLE_KEYS, self.args.resume)
+        if ckpt is None:
             return False
-        if self.args.resume == "never":
-            raise UserError(f"{path}: this --output_dir already holds a run; choose another --output_dir, remove "
-                            "it, or pass --resume auto to continue it")
-        ckpt = load_checkpoint(path, expect_kind="diffusion")
-        old = ckpt.get("config", {})
-        diffs = sorted(k for k in set(old) | set(self.config)
-                       if k not in RESUMABLE_KEYS and old.get(k) != self.config.get(k))
-        if diffs:
-            detail = ", ".join(f"{k}: {old.get(k)!r} -> {self.config.get(k)!r}" for k in diffs[:6])
-            raise UserError(f"{path}: cannot resume, the run was started with different settings ({detail}); "
-                            "use another --output_dir for a new run")
         try:
             self.model.load_state_dict(ckpt["model"])
             self.ema.load_state_dict(ckpt["ema_state"])

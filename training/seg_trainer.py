@@ -28,7 +28,7 @@ from common.io import sha256_file
 from data.pairs import LABELS, TUMOUR_LABELS, PairDataset, open_pair_dataset, read_metadata
 from models.segmenters import build_segmenter, count_parameters, segmentation_loss, segmenter_spec
 from training.augment import augment
-from training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from training.checkpoint import load_checkpoint, load_resumable, rng_state, save_checkpoint, set_rng_state
 from training.precision import autocast, grad_scaler, memory_stats
 from training.run import RunDir
 from training.seg_eval import RULES, THRESHOLD, evaluate_predictions, mean_lesion_dice, predict, write_per_image_csv
@@ -220,20 +220,7 @@ class SegTrainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _resume_checkpoint(self, path: Path) -> dict[str, Any] | None:
-        if not path.exists():
-            return None
-        if self.args.resume == "never":
-            raise UserError(f"{path}: this --output_dir already holds a run; choose another --output_dir, remove "
-                            "it, or pass --resume auto to continue it")
-        ckpt = load_checkpoint(path, expect_kind=KIND)
-        old = ckpt.get("config", {})
-        diffs = sorted(k for k in set(old) | set(self.config)
-                       if k not in RESUMABLE_KEYS and old.get(k) != self.config.get(k))
-        if diffs:
-            detail = ", ".join(f"{k}: {old.get(k)!r} -> {self.config.get(k)!r}" for k in diffs[:6])
-            raise UserError(f"{path}: cannot resume, the run was started with different settings ({detail}); "
-                            "use another --output_dir for a new run")
-        return ckpt
+        return load_resumable(path, KIND, self.config, RESUMABLE_KEYS, self.args.resume)
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
         path = self.run.file("last.pth")
