@@ -632,10 +632,11 @@ def _merge_rejections(out: Path) -> None:
 
 
 def _write_preview(out: Path, previews: dict[str, list[str]], size: int) -> None:
-    """preview.png: one row per class, its first pairs (image | image with the mask's outline)."""
+    """preview.png: one row per class that has pairs, its first pairs (image | image with the mask's outline)."""
     import torch
 
     from training.visual import save_grid
+    previews = {c: ids for c, ids in previews.items() if ids}
     cols = max((len(v) for v in previews.values()), default=0)
     if cols == 0:
         (out / PREVIEW_FILE).unlink(missing_ok=True)

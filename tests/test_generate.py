@@ -350,3 +350,23 @@ def test_output_folder_of_another_run_is_refused(ckpt, reference, busi_like, tmp
     (out / "images" / "stray.png").write_bytes(b"x")
     with pytest.raises(UserError, match="stray.png: a file this run did not write"):
         gen(ckpt, out, *BASE)
+
+
+def test_preview_has_one_row_per_class_with_pairs(tmp_path):
+    """--balance_to often generates one class only: the preview then shows that class, not an empty black row."""
+    from PIL import Image
+
+    from common.io import write_png
+    rng = np.random.default_rng(0)
+    for sub in ("images", "masks"):
+        (tmp_path / sub).mkdir()
+    for k in range(3):
+        write_png(tmp_path / "images" / f"p{k}.png", rng.integers(0, 255, (16, 16), dtype=np.uint8))
+        write_png(tmp_path / "masks" / f"p{k}.png", (rng.random((16, 16)) > 0.5).astype(np.uint8) * 255)
+    synthetic._write_preview(tmp_path, {"benign": [], "malignant": ["p0", "p1", "p2"]}, 16)
+    one = Image.open(tmp_path / "preview.png").size
+    synthetic._write_preview(tmp_path, {"benign": ["p0"], "malignant": ["p0", "p1", "p2"]}, 16)
+    two = Image.open(tmp_path / "preview.png").size
+    assert one[0] == two[0] and two[1] > one[1]
+    synthetic._write_preview(tmp_path, {"benign": [], "malignant": []}, 16)
+    assert not (tmp_path / "preview.png").exists()
