@@ -6,7 +6,8 @@ Runs each phase as the plain command a user would type (printed before it starts
 
   prepare      prepare_busi_dataset.py on BUS-BRA (official case-grouped folds: no patient in two splits)
   diffusion    train_medsegdiff.py --config configs/busbra_evidence.yaml
-  generate     generate_synthetic.py --balance_to <prepared> --total T (a 50/50 training split of T pairs)
+  generate     generate_synthetic.py --balance_to <prepared> (tops the minority class of the training split up to
+               the majority; --total T asks for a 50/50 split of T pairs instead)
   combine      create_combined_dataset.py (synthetic pairs in the training split only)
   seg_<arm>_seed<k>   train_segmentation.py --config configs/busbra_evidence_segmentation.yaml, four arms x seeds:
                real (standard augmentation), real_strong (strong classic augmentation), synthetic (real + synthetic,
@@ -75,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results_dir", default=None,
                    help="where the small outputs are copied (default results/busbra; with --quick <runs_dir>/results)")
     p.add_argument("--img_size", type=positive_int, default=64, help="image size of every phase")
-    p.add_argument("--total", type=positive_int, default=2400,
-                   help="size of the balanced training split, real + synthetic (generate_synthetic.py --total)")
+    p.add_argument("--total", type=positive_int, default=None,
+                   help="size of the balanced training split, real + synthetic (generate_synthetic.py --total); "
+                        "default: generate only the minority class, up to the majority's count")
     p.add_argument("--seeds", type=csv_list, default=["0", "1", "2"], help="segmentation seeds per arm")
     p.add_argument("--arms", type=csv_list, default=list(ARMS), help=f"arms to train ({', '.join(ARMS)})")
     p.add_argument("--jobs", type=positive_int, default=2, help="tasks run at the same time")
@@ -95,7 +97,7 @@ def plan(args) -> list[Task]:
     work, runs = Path(args.work_dir), Path(args.runs_dir)
     real, syn, comb = work / f"busbra{size}", work / "synthetic", work / "combined"
     q = QUICK if args.quick else {k: [] for k in QUICK}
-    total = ["--total", "12" if args.quick else str(args.total)]
+    total = ["--total", "12"] if args.quick else (["--total", str(args.total)] if args.total else [])
     tasks = [
         Task("prepare", [py, "prepare_busi_dataset.py", "--input_dir", args.input_dir, "--img_size", str(size),
                          "--output_dir", str(real)], skip_if=real / "dataset.json"),
@@ -237,11 +239,21 @@ def summarise(args, tasks_seconds: dict[str, float]) -> dict[str, object]:
     diffusion = json.loads((runs / "medsegdiff" / "config.json").read_text())
     stats = [json.loads(line) for line in (runs / "medsegdiff" / "stats.jsonl").read_text().splitlines()]
     train_recs = [s for s in stats if "img_per_s" in s]
+    # training wall-clock over every invocation (task_seconds only holds the last one when a run was resumed):
+    # each log record covers the steps since the previous one at its s/step
+    train_s, prev = 0.0, 0
+    for rec in train_recs:
+        if rec["step"] > prev:
+            train_s += rec["s_per_step"] * (rec["step"] - prev)
+        prev = rec["step"]
+    log = runs / "medsegdiff" / "log.txt"
+    resumes = log.read_text().count("resumed from") if log.is_file() else 0
     return {
         "command": shlex.join(["python", "bench/evidence.py", *sys.argv[1:]]),
         "quick": bool(args.quick), "seeds": args.seeds, "arms": arms,
         "best_non_synthetic_arm_by_validation_dice": best, "comparisons": comparisons,
         "diffusion": {"steps": train_recs[-1]["step"] if train_recs else None,
+                      "train_wallclock_s": round(train_s, 1), "resumes": resumes,
                       "img_per_s_median": sorted(s["img_per_s"] for s in train_recs)[len(train_recs) // 2]
                       if train_recs else None,
                       "config": {k: diffusion.get(k) for k in ("img_size", "batch_size", "max_steps", "lr",
