@@ -10,6 +10,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "busbra"
+sys.path.insert(0, str(ROOT / "bench"))
+import evidence  # noqa: E402
 
 
 @pytest.mark.slow
@@ -55,3 +57,33 @@ def test_dry_run_lists_every_task_once(tmp_path):
     assert names[:4] == ["prepare", "diffusion", "generate", "combine"] and names[-1] == "evaluate"
     assert len([n for n in names if n.startswith("seg_")]) == 12 and len(set(names)) == len(names)
     assert not (tmp_path / "d").exists()                        # a dry run writes nothing
+
+
+def _fake_run(folder: Path, labels, preds, probs, dice, val_dice=0.8):
+    folder.mkdir(parents=True)
+    rows = ["id,label,source,dice,iou,hd95,pred_label,prob_malignant,false_positive,pred_area,gt_area"]
+    for k, (lab, pred, p, d) in enumerate(zip(labels, preds, probs, dice)):
+        rows.append(f"img{k},{lab},real,{d},{d / 2},1.0,{pred},{p},,10,10")
+    (folder / "per_image_test.csv").write_text("\n".join(rows) + "\n")
+    (folder / "metrics.json").write_text(json.dumps({"best_val_dice": val_dice,
+                                                     "test": {"overall": {"dice": {"mean": sum(dice) / len(dice)}}}}))
+
+
+def test_arm_summary_class_rates_auc_and_paired_differences(tmp_path):
+    """Malignant recall / benign specificity are the per-class hit rates, AUC is the Mann-Whitney statistic, and
+    the paired differences are arm minus baseline on the same images."""
+    labels = ["malignant"] * 4 + ["benign"] * 6
+    probs = [0.9, 0.8, 0.3, 0.6, 0.1, 0.2, 0.7, 0.4, 0.05, 0.35]
+    base = ["malignant", "malignant", "benign", "benign"] + ["benign"] * 5 + ["malignant"]
+    arm = ["malignant"] * 4 + ["benign"] * 4 + ["malignant"] * 2
+    _fake_run(tmp_path / "b", labels, base, probs, [0.8] * 10)
+    _fake_run(tmp_path / "a", labels, arm, probs, [0.9] * 10)
+    s = evidence.arm_summary([tmp_path / "b"])
+    assert s["malignant_recall"]["mean"] == pytest.approx(0.5)
+    assert s["benign_specificity"]["mean"] == pytest.approx(5 / 6)
+    # (malignant, benign) pairs ranked correctly, of 24: 0.9 and 0.8 beat all 6, 0.3 beats 3, 0.6 beats 5
+    assert s["malignant_auc"]["mean"] == pytest.approx(20 / 24)
+    assert s["balanced_accuracy"]["mean"] == pytest.approx((0.5 + 5 / 6) / 2)
+    diff = evidence._class_differences([tmp_path / "b"], [tmp_path / "a"])
+    assert diff["malignant_recall"]["mean_diff"] == pytest.approx(0.5)
+    assert diff["benign_specificity"]["mean_diff"] == pytest.approx(4 / 6 - 5 / 6)
