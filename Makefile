@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.requirements-installed
 .PHONY: demo test test-slow bench evidence clean-demo help
 
 help:
-	@echo "make demo       run every phase on a generated phantom at 64 px (CPU, ~15 min)"
+	@echo "make demo       run every phase on a generated phantom at 64 px (CPU, ~11 min)"
 	@echo "make test       the fast CPU test suite"
 	@echo "make test-slow  also the slow end-to-end tests"
 	@echo "make bench      performance benchmarks against peers (bench/)"
