@@ -193,6 +193,8 @@ def _bootstrap_mean(values, weights=None, n_boot: int = 10000, seed: int = 0) ->
     w = np.ones_like(v) if weights is None else np.asarray(weights, dtype=np.float64)
     keep = np.isfinite(v)
     v = v[keep] * w[keep]
+    if len(v) == 0:
+        return {"mean": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": 0}
     rng = np.random.default_rng(seed)
     means = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(axis=1)
     lo, hi = np.quantile(means, [0.025, 0.975])

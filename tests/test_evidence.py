@@ -87,3 +87,13 @@ def test_arm_summary_class_rates_auc_and_paired_differences(tmp_path):
     diff = evidence._class_differences([tmp_path / "b"], [tmp_path / "a"])
     assert diff["malignant_recall"]["mean_diff"] == pytest.approx(0.5)
     assert diff["benign_specificity"]["mean_diff"] == pytest.approx(4 / 6 - 5 / 6)
+
+
+def test_arm_summary_without_one_class_does_not_crash(tmp_path):
+    """A tiny test split may hold no malignant image: its rates are NaN with n 0, the AUC is absent."""
+    _fake_run(tmp_path / "b", ["benign"] * 3, ["benign", "malignant", "benign"], [0.1, 0.6, 0.2], [0.7] * 3)
+    s = evidence.arm_summary([tmp_path / "b"])
+    assert s["malignant_recall"]["n"] == 0 and s["malignant_recall"]["mean"] != s["malignant_recall"]["mean"]
+    assert s["benign_specificity"]["mean"] == pytest.approx(2 / 3)
+    assert s["malignant_auc"]["mean"] is None
+    assert "malignant_recall" not in evidence._class_differences([tmp_path / "b"], [tmp_path / "b"])
