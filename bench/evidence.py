@@ -217,51 +217,16 @@ def arm_summary(run_dirs: list[Path]) -> dict[str, object]:
         else:
             out[name] = _bootstrap_mean([v[name] for v in pooled.values()])
     # malignant detection in detail: sensitivity and specificity (per image, averaged over seeds) show whether a
-    # change moved the operating point; ROC AUC (per seed, then averaged) whether it changed the discrimination
+    # change moved the operating point; ROC AUC (each run's own, then averaged) whether it changed the discrimination
     correct = np.array([v["correct"] for v in pooled.values()])
     out["malignant_recall"] = _bootstrap_mean(correct[labels == "malignant"])
     out["benign_specificity"] = _bootstrap_mean(correct[labels == "benign"])
-    out["malignant_auc"] = _seed_auc(run_dirs)
-    vals = []
-    for d in run_dirs:
-        m = json.loads((Path(d) / "metrics.json").read_text())
-        vals.append(m["best_val_dice"])
+    runs = [json.loads((Path(d) / "metrics.json").read_text()) for d in run_dirs]
+    aucs = [a for a in ((m["test"].get("classification") or {}).get("auc_malignant") for m in runs) if a is not None]
+    out["malignant_auc"] = {"mean": float(np.mean(aucs)) if aucs else None, "per_seed": aucs}
+    vals = [m["best_val_dice"] for m in runs]
     out["val_dice"] = {"mean": float(np.mean(vals)), "per_seed": vals}
-    out["test_dice_per_seed"] = [json.loads((Path(d) / "metrics.json").read_text())["test"]["overall"]["dice"]["mean"]
-                                 for d in run_dirs]
-    return out
-
-
-def _seed_auc(run_dirs: list[Path]) -> dict[str, object]:
-    """ROC AUC of prob_malignant (Mann-Whitney form) for each run, and their mean."""
-    import csv
-
-    import numpy as np
-    from scipy.stats import rankdata
-    aucs = []
-    for d in run_dirs:
-        with open(Path(d) / "per_image_test.csv", newline="") as fh:
-            rows = [r for r in csv.DictReader(fh) if r["label"] in ("benign", "malignant") and r["prob_malignant"]]
-        lab = np.array([r["label"] == "malignant" for r in rows])
-        n1, n0 = int(lab.sum()), int((~lab).sum())
-        if n1 == 0 or n0 == 0:
-            continue
-        ranks = rankdata([float(r["prob_malignant"]) for r in rows])
-        aucs.append(float((ranks[lab].sum() - n1 * (n1 + 1) / 2) / (n1 * n0)))
-    return {"mean": float(np.mean(aucs)) if aucs else None, "per_seed": aucs}
-
-
-def _class_differences(base_dirs: list[Path], arm_dirs: list[Path]) -> dict[str, object]:
-    """Paired bootstrap differences (arm - base) of malignant recall and benign specificity, on the same images."""
-    from metrics.segmentation import paired_bootstrap_ci
-    from metrics.similarity import pool_runs
-    base, arm = pool_runs(base_dirs), pool_runs(arm_dirs)
-    out = {}
-    for name, label in (("malignant_recall", "malignant"), ("benign_specificity", "benign")):
-        ids = sorted(i for i in set(base) & set(arm) if base[i]["label"] == label)
-        if ids:
-            out[name] = paired_bootstrap_ci([arm[i]["correct"] for i in ids], [base[i]["correct"] for i in ids],
-                                            seed=0)
+    out["test_dice_per_seed"] = [m["test"]["overall"]["dice"]["mean"] for m in runs]
     return out
 
 
@@ -276,10 +241,7 @@ def summarise(args, tasks_seconds: dict[str, float]) -> dict[str, object]:
     if best is not None:
         for arm in arms:
             if arm != best:
-                comp = compare_runs(dirs[best], dirs[arm], seed=0)
-                if "metrics" in comp:
-                    comp["metrics"].update(_class_differences(dirs[best], dirs[arm]))
-                comparisons[f"{arm} - {best}"] = comp
+                comparisons[f"{arm} - {best}"] = compare_runs(dirs[best], dirs[arm], seed=0)
     diffusion = json.loads((runs / "medsegdiff" / "config.json").read_text())
     stats = [json.loads(line) for line in (runs / "medsegdiff" / "stats.jsonl").read_text().splitlines()]
     train_recs = [s for s in stats if "img_per_s" in s]
@@ -333,8 +295,7 @@ def format_summary(s: dict[str, object]) -> str:
             lines.append(f"{name}: {comp.get('skipped')}")
             continue
         parts = []
-        for m in (*METRICS, "malignant_recall", "benign_specificity"):
-            v = comp["metrics"].get(m, {})
+        for m, v in comp["metrics"].items():
             if "mean_diff" in v:
                 parts.append(f"{m} {v['mean_diff']:+.3f} [{v['ci_low']:+.3f}, {v['ci_high']:+.3f}] p {v['p_value']:.2g}")
         lines.append(f"{name}: " + "; ".join(parts))

@@ -74,7 +74,8 @@ def summary_rows(metrics: dict[str, Any]) -> list[dict[str, str]]:
     return rows
 
 
-_DOWNSTREAM_NAMES = {"dice": "Dice", "iou": "IoU", "hd95": "HD95 (px)", "balanced_accuracy": "balanced accuracy"}
+_DOWNSTREAM_NAMES = {"dice": "Dice", "iou": "IoU", "hd95": "HD95 (px)", "balanced_accuracy": "balanced accuracy",
+                     "malignant_recall": "malignant recall", "benign_specificity": "benign recall"}
 
 
 def outcome_rows(metrics: dict[str, Any]) -> list[dict[str, str]]:

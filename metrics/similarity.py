@@ -317,11 +317,13 @@ def pool_runs(run_dirs: Sequence) -> dict[str, dict[str, Any]]:
 
 def compare_runs(baseline_dirs: Sequence, combined_dirs: Sequence, n_boot: int = 10000, seed: int = 0
                  ) -> dict[str, Any]:
-    """Combined minus baseline: Dice, IoU, HD95 and balanced accuracy with 95% paired bootstrap CIs.
+    """Combined minus baseline: Dice, IoU, HD95, balanced accuracy, malignant recall and benign specificity (the
+    benign images' recall) with 95% paired bootstrap CIs.
 
     Per-image values are first averaged over each side's seeds. Balanced accuracy is bootstrapped as the mean of
     per-image values ``correct * N / (C * n_class)``, whose mean is exactly the balanced accuracy (class weights
-    fixed at the test set's class counts).
+    fixed at the test set's class counts); the two recalls as the mean of ``correct`` over one class's images, so
+    a change of operating point (one up, the other down) shows apart from a change of discrimination.
     """
     try:
         from metrics.segmentation import paired_bootstrap_ci
@@ -336,22 +338,29 @@ def compare_runs(baseline_dirs: Sequence, combined_dirs: Sequence, n_boot: int =
                            "n_combined_runs": len(combined_dirs), "metrics": {}}
     if len(ids) < len(set(base) | set(comb)):
         out["warning"] = f"only {len(ids)} test images are in both runs' per_image_test.csv"
-    counts = {lab: (labels == lab).sum() for lab in set(labels)}
-    weight = np.array([len(ids) / (len(counts) * counts[lab]) for lab in labels])
-    for name in ("dice", "iou", "hd95", "balanced_accuracy"):
-        key = "correct" if name == "balanced_accuracy" else name
-        a = np.array([comb[i][key] for i in ids])
-        b = np.array([base[i][key] for i in ids])
-        if name == "balanced_accuracy":
-            a, b = a * weight, b * weight
+
+    def column(runs: dict[str, dict[str, Any]], key: str) -> np.ndarray:
+        return np.array([runs[i][key] for i in ids])
+
+    def paired(name: str, a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
         keep = np.isfinite(a) & np.isfinite(b)
         if not keep.any():
-            out["metrics"][name] = {"skipped": f"no test image has a {name} value in both runs"}
-            continue
+            return {"skipped": f"no test image has a {name} value in both runs"}
         ci = paired_bootstrap_ci(a, b, n_boot=n_boot, seed=seed, ci=0.95)
-        out["metrics"][name] = {**ci, "baseline": float(b[keep].mean()), "combined": float(a[keep].mean()),
-                                "better": "lower" if name == "hd95" else "higher"}
+        return {**ci, "baseline": float(b[keep].mean()), "combined": float(a[keep].mean()),
+                "better": "lower" if name == "hd95" else "higher"}
+
+    for name in ("dice", "iou", "hd95"):
+        out["metrics"][name] = paired(name, column(comb, name), column(base, name))
+    counts = {lab: (labels == lab).sum() for lab in set(labels)}
+    weight = np.array([len(ids) / (len(counts) * counts[lab]) for lab in labels])
+    a, b = column(comb, "correct"), column(base, "correct")
+    out["metrics"]["balanced_accuracy"] = paired("balanced_accuracy", a * weight, b * weight)
+    for name, label in (("malignant_recall", "malignant"), ("benign_specificity", "benign")):
+        sel = labels == label
+        if sel.any():
+            out["metrics"][name] = paired(name, a[sel], b[sel])
     out["note"] = ("combined − baseline on the same real test images (mean of per-image differences; per-image "
                    "values averaged over seeds first); 95% percentile bootstrap CI, 10000 resamples; Dice/IoU/HD95 "
-                   "over lesion images only")
+                   "over lesion images only; malignant recall / benign specificity over that class's images")
     return out

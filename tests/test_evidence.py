@@ -12,6 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "busbra"
 sys.path.insert(0, str(ROOT / "bench"))
 import evidence  # noqa: E402
+from metrics.similarity import compare_runs  # noqa: E402
+from training.seg_eval import auc as seg_auc  # noqa: E402
 
 
 @pytest.mark.slow
@@ -65,13 +67,17 @@ def _fake_run(folder: Path, labels, preds, probs, dice, val_dice=0.8):
     for k, (lab, pred, p, d) in enumerate(zip(labels, preds, probs, dice)):
         rows.append(f"img{k},{lab},real,{d},{d / 2},1.0,{pred},{p},,10,10")
     (folder / "per_image_test.csv").write_text("\n".join(rows) + "\n")
-    (folder / "metrics.json").write_text(json.dumps({"best_val_dice": val_dice,
-                                                     "test": {"overall": {"dice": {"mean": sum(dice) / len(dice)}}}}))
+    # the run's own AUC, computed as train_segmentation.py computes it
+    auc = seg_auc(probs, [lab == "malignant" for lab in labels])
+    (folder / "metrics.json").write_text(json.dumps({
+        "best_val_dice": val_dice, "test": {"overall": {"dice": {"mean": sum(dice) / len(dice)}},
+                                            "classification": {"auc_malignant": auc}}}))
 
 
 def test_arm_summary_class_rates_auc_and_paired_differences(tmp_path):
     """Malignant recall / benign specificity are the per-class hit rates, AUC is the Mann-Whitney statistic, and
-    the paired differences are arm minus baseline on the same images."""
+    the paired differences (metrics.similarity.compare_runs, as evaluate.py reports them) are arm minus baseline
+    on the same images."""
     labels = ["malignant"] * 4 + ["benign"] * 6
     probs = [0.9, 0.8, 0.3, 0.6, 0.1, 0.2, 0.7, 0.4, 0.05, 0.35]
     base = ["malignant", "malignant", "benign", "benign"] + ["benign"] * 5 + ["malignant"]
@@ -84,7 +90,7 @@ def test_arm_summary_class_rates_auc_and_paired_differences(tmp_path):
     # (malignant, benign) pairs ranked correctly, of 24: 0.9 and 0.8 beat all 6, 0.3 beats 3, 0.6 beats 5
     assert s["malignant_auc"]["mean"] == pytest.approx(20 / 24)
     assert s["balanced_accuracy"]["mean"] == pytest.approx((0.5 + 5 / 6) / 2)
-    diff = evidence._class_differences([tmp_path / "b"], [tmp_path / "a"])
+    diff = compare_runs([tmp_path / "b"], [tmp_path / "a"])["metrics"]
     assert diff["malignant_recall"]["mean_diff"] == pytest.approx(0.5)
     assert diff["benign_specificity"]["mean_diff"] == pytest.approx(4 / 6 - 5 / 6)
 
@@ -96,4 +102,4 @@ def test_arm_summary_without_one_class_does_not_crash(tmp_path):
     assert s["malignant_recall"]["n"] == 0 and s["malignant_recall"]["mean"] != s["malignant_recall"]["mean"]
     assert s["benign_specificity"]["mean"] == pytest.approx(2 / 3)
     assert s["malignant_auc"]["mean"] is None
-    assert "malignant_recall" not in evidence._class_differences([tmp_path / "b"], [tmp_path / "b"])
+    assert "malignant_recall" not in compare_runs([tmp_path / "b"], [tmp_path / "b"])["metrics"]
