@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -38,14 +39,14 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from common.cli import run_main  # noqa: E402
+from common.cli import UserError, run_main  # noqa: E402
+from common.io import atomic_write_json  # noqa: E402
+from training.precision import resolve_device  # noqa: E402
 
 SECTIONS = ("matmul", "train", "quality", "sampling", "memory", "data", "prepare")
-# the benchmarked MedSegDiffV2: the demo preset's network (configs/demo.yaml)
-OURS = dict(model_channels=32, channel_mult=(1, 2, 2, 4), num_res_blocks=2, transformer_depth=2, num_heads=4,
-            patch_size=2)
-OURS_FLAGS = ["--model_channels", "32", "--channel_mult", "1,2,2,4", "--num_res_blocks", "2",
-              "--transformer_depth", "2", "--num_heads", "4", "--patch_size", "2"]
+# the benchmarked MedSegDiffV2 is the demo preset's network and recipe; the peer takes the same preset with
+# --arch UNet2DPeer (peer_flags)
+DEMO_PRESET = ROOT / "configs" / "demo.yaml"
 
 
 def sync(device: torch.device) -> None:
@@ -77,12 +78,24 @@ def matmul_peak(device, dtype) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- models
-def build(arch: str, img_size: int, peer_width: int | None = None) -> torch.nn.Module:
+def preset_args(preset: Path, *flags: str) -> argparse.Namespace:
+    """train_medsegdiff.py's settings for ``--config preset`` plus ``flags``, resolved as the script resolves them."""
+    import train_medsegdiff
+    from common.cli import parse_config
+    return parse_config(train_medsegdiff.build_parser(), ["--config", str(preset), *flags])
+
+
+def peer_flags(c: int) -> list[str]:
+    """diffusers' UNet2DModel with widths c, 2c, 2c, 4c in place of MedSegDiffV2."""
+    return ["--arch", "UNet2DPeer", "--peer_channels", f"{c},{2 * c},{2 * c},{4 * c}"]
+
+
+def build(img_size: int, flags: Sequence[str] = (), preset: Path = DEMO_PRESET) -> torch.nn.Module:
+    """The network train_medsegdiff.py would build from ``preset`` and ``flags`` at ``img_size``."""
     from models.denoisers import build_denoiser
-    if arch == "MedSegDiffV2":
-        return build_denoiser("MedSegDiffV2", {"img_size": img_size, **OURS})
-    c = peer_width
-    return build_denoiser("UNet2DPeer", {"img_size": img_size, "block_out_channels": [c, 2 * c, 2 * c, 4 * c]})
+    from training.diffusion_trainer import model_kwargs_from_args
+    args = preset_args(preset, "--img_size", str(img_size), *flags)
+    return build_denoiser(args.arch, model_kwargs_from_args(args))
 
 
 def step_flops(model, diffusion, batch: int, img_size: int, device="meta") -> int:
@@ -104,7 +117,7 @@ def equal_flops_peer(ours_flops: int, diffusion, batch: int, img_size: int) -> t
     """UNet2DPeer base width whose step FLOPs are closest to ours (widths c, 2c, 2c, 4c; c a multiple of 8)."""
     best = None
     for c in range(8, 257, 8):
-        f = step_flops(build("UNet2DPeer", img_size, c), diffusion, batch, img_size)
+        f = step_flops(build(img_size, peer_flags(c)), diffusion, batch, img_size)
         if best is None or abs(f - ours_flops) < abs(best[1] - ours_flops):
             best = (c, f)
         if f > 1.3 * ours_flops:
@@ -113,14 +126,13 @@ def equal_flops_peer(ours_flops: int, diffusion, batch: int, img_size: int) -> t
 
 
 def make_trainer(tmp: Path, data_dir: Path, img_size: int, batch: int, device: torch.device, precision: str,
-                 extra: list[str]):
-    import train_medsegdiff
+                 extra: Sequence[str] = ()):
+    """The demo preset's DiffusionTrainer (``extra``: more train_medsegdiff.py flags, e.g. :func:`peer_flags`)."""
+    from common.cli import resolved_config
     from training.diffusion_trainer import DiffusionTrainer
     from training.distributed import DistInfo
-    from common.cli import resolved_config
-    args = train_medsegdiff.build_parser().parse_args(
-        ["--config", str(ROOT / "configs" / "demo.yaml"), "--data_dir", str(data_dir), "--output_dir", str(tmp),
-         "--img_size", str(img_size), "--batch_size", str(batch), "--device", str(device), *extra])
+    args = preset_args(DEMO_PRESET, "--data_dir", str(data_dir), "--output_dir", str(tmp), "--img_size",
+                       str(img_size), "--batch_size", str(batch), "--device", str(device), *extra)
     args.command = "bench"
     return DiffusionTrainer(args, resolved_config(args), DistInfo(), device, precision)
 
@@ -165,21 +177,14 @@ def preset_memory(path: Path) -> dict[str, object]:
     """GPU memory estimate of a preset: the activations saved for backward, measured at batch 1 on the CPU (fp32,
     and under bf16 autocast) x batch, plus fp32 weights, gradients, AdamW moments and EMA. Not included: the
     CUDA context, cuDNN workspaces and allocator fragmentation (typically 1-2 GiB more)."""
-    import yaml
-
-    from models.denoisers import build_denoiser
-    cfg = yaml.safe_load(path.read_text())
-    kw = {k: cfg[k] for k in ("img_size", "model_channels", "num_res_blocks", "transformer_depth", "num_heads",
-                              "use_transformer", "patch_size", "use_anchor") if k in cfg}
-    if cfg.get("channel_mult"):
-        kw["channel_mult"] = [int(c) for c in str(cfg["channel_mult"]).split(",")]
-    model = build_denoiser("MedSegDiffV2", kw)
-    act = activation_bytes(model, 1, cfg["img_size"]) * cfg["batch_size"]
+    args = preset_args(path)
+    model = build(args.img_size, preset=path)
+    act = activation_bytes(model, 1, args.img_size) * args.batch_size
     with torch.autocast("cpu", dtype=torch.bfloat16):   # the same autocast policy as --precision bf16 on a GPU
-        act_bf16 = activation_bytes(model, 1, cfg["img_size"]) * cfg["batch_size"]
+        act_bf16 = activation_bytes(model, 1, args.img_size) * args.batch_size
     states = state_bytes(model)
-    return {"preset": path.name, "img_size": cfg["img_size"], "batch_size": cfg["batch_size"],
-            "patch_size": cfg.get("patch_size", 1), "parameters": sum(p.numel() for p in model.parameters()),
+    return {"preset": path.name, "img_size": args.img_size, "batch_size": args.batch_size,
+            "patch_size": args.patch_size, "parameters": sum(p.numel() for p in model.parameters()),
             "activations_fp32_gib": act / 2**30, "activations_bf16_gib": act_bf16 / 2**30,
             "states_gib": states / 2**30, "total_bf16_gib_estimate": (act_bf16 + states) / 2**30}
 
@@ -231,8 +236,10 @@ def build_parser():
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        raise UserError(f"--sections: unknown {', '.join(unknown)} (known: {', '.join(SECTIONS)})")
+    device = resolve_device(args.device)
     gpu = device.type == "cuda"
     precision = "bf16" if gpu else "fp32"
     size, batch = (256, 8) if gpu else (64, 8)
@@ -263,12 +270,11 @@ def main(argv=None) -> int:
         run(["prepare_busi_dataset.py", "--phantom", "120", "--img_size", str(size), "--output_dir", str(data_dir)],
             work / "prepare_train.log")
     if "train" in sections:
-        ours_model = build("MedSegDiffV2", size)
+        ours_model = build(size)
         ours_flops = step_flops(ours_model, diffusion, batch, size)
         c, peer_flops = equal_flops_peer(ours_flops, diffusion, batch, size)
-        tr_ours = make_trainer(work / "t_ours", data_dir, size, batch, device, precision, OURS_FLAGS)
-        tr_peer = make_trainer(work / "t_peer", data_dir, size, batch, device, precision,
-                               ["--arch", "UNet2DPeer", "--peer_channels", f"{c},{2 * c},{2 * c},{4 * c}"])
+        tr_ours = make_trainer(work / "t_ours", data_dir, size, batch, device, precision)
+        tr_peer = make_trainer(work / "t_peer", data_dir, size, batch, device, precision, peer_flags(c))
         reps = 20 if gpu else 8
         s_ours = train_speed(tr_ours, device, reps)
         s_peer = train_speed(tr_peer, device, reps)
@@ -298,10 +304,10 @@ def main(argv=None) -> int:
                 f"(x{s_ours / s_data:.0f} headroom)")
         del tr_ours, tr_peer
     if "memory" in sections:
-        model = build("MedSegDiffV2", size)
+        model = build(size)
         mem: dict[str, object] = {}
         if gpu:
-            tr = make_trainer(work / "t_mem", data_dir, size, batch, device, precision, OURS_FLAGS)
+            tr = make_trainer(work / "t_mem", data_dir, size, batch, device, precision)
             torch.cuda.reset_peak_memory_stats(device)
             train_speed(tr, device, 3)
             mem["measured_peak_bytes"] = torch.cuda.max_memory_allocated(device)
@@ -333,10 +339,10 @@ def main(argv=None) -> int:
         real_images, _ = real_ds.load(real_ds.select(labels=["benign", "malignant"]))
         extractor = create_extractor(resolve_inception_weights("offline"), "cuda" if gpu else "cpu")
         real_feats = extract_features(real_images, extractor, progress=False)[FEATURE]
-        ours_q = build("MedSegDiffV2", qs)
+        ours_q = build(qs)
         q_flops = step_flops(ours_q, diffusion, 16, qs)
         qc, q_peer_flops = equal_flops_peer(q_flops, diffusion, 16, qs)
-        arms = {"ours": OURS_FLAGS, "peer": ["--arch", "UNet2DPeer", "--peer_channels", f"{qc},{2 * qc},{2 * qc},{4 * qc}"]}
+        arms = {"ours": [], "peer": peer_flags(qc)}
         quality = {"img_size": qs, "budget_minutes": args.budget_minutes, "peer_block_out_channels":
                    [qc, 2 * qc, 2 * qc, 4 * qc], "flops_ratio_peer_vs_ours": q_peer_flops / q_flops,
                    "n_real": len(real_images)}
@@ -346,7 +352,7 @@ def main(argv=None) -> int:
             del tr
             steps = max(50, int(args.budget_minutes * 60 / s_step))
             out = work / f"q_{name}"
-            run(["train_medsegdiff.py", "--config", "configs/demo.yaml", "--data_dir", str(qdata), "--output_dir",
+            run(["train_medsegdiff.py", "--config", str(DEMO_PRESET), "--data_dir", str(qdata), "--output_dir",
                  str(out), "--img_size", str(qs), "--max_steps", str(steps), "--time_limit_minutes",
                  str(args.budget_minutes * 1.15), "--save_every", str(max(1, steps // 4)), "--sample_every", "0",
                  "--device", str(device), *flags], work / f"train_{name}.log")
@@ -392,7 +398,7 @@ def main(argv=None) -> int:
     res["total_seconds"] = round(time.time() - t_all, 1)
     res["summary_lines"] = lines
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(res, indent=2, sort_keys=True, default=float) + "\n")
+    atomic_write_json(args.output, res)
     print(f"\nwrote {args.output} ({res['total_seconds'] / 60:.1f} min)")
     if not args.work_dir:
         shutil.rmtree(work, ignore_errors=True)
