@@ -212,10 +212,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--memorisation_threshold must be in (0, 1], got {args.memorisation_threshold}")
     d = _load_sets(args)
     _fewer_page_faults()
-    import torch
     from metrics import report as R
     from metrics.generation import MetricUnavailable, check_local_weights
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    from training.precision import resolve_device
+    device = str(resolve_device(args.device))   # 'auto' -> cuda when there is one; a bad name is one clear line
     if args.inception_weights not in ("auto", "download", "offline") and not {"fid", "kid", "is"} <= set(args.skip):
         check_local_weights(Path(args.inception_weights).expanduser())
     n_held = int(d["real_heldout"].sum())

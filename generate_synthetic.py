@@ -153,15 +153,14 @@ def main(argv=None, *, after_batch=None) -> int:
 
 def report_alignment(output_dir: str, run: str, device: str) -> str:
     """alignment.json: how well the generated images honour their masks, judged by a real-data segmenter."""
-    import torch
-
     from common.io import atomic_write_json
     from data.pairs import open_pair_dataset
     from metrics.similarity import load_segmenter, mask_alignment, predict_masks
+    from training.precision import resolve_device
     ds = open_pair_dataset(output_dir)
     images, masks = ds.load()
     model, size = load_segmenter(run)
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    dev = str(resolve_device(device))
     res = mask_alignment(masks, predict_masks(model, images, size, device=dev), [r["label"] for r in ds.rows])
     res["segmenter"] = str(Path(run).resolve())
     atomic_write_json(Path(output_dir) / "alignment.json", res)

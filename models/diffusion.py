@@ -231,7 +231,6 @@ class JointDiffusion:
         ts = torch.full((known.shape[0],), int(t), device=known.device, dtype=torch.long)
         return self.scheduler.add_noise(known, noise, ts)
 
-
     @torch.inference_mode()
     def class_errors(self, model: Callable, x0: torch.Tensor, num_classes: int, n_timesteps: int = 16,
                      seed: int = 0) -> torch.Tensor:
