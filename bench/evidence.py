@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -230,6 +231,25 @@ def arm_summary(run_dirs: list[Path]) -> dict[str, object]:
     return out
 
 
+def diffusion_history(run_dir: Path) -> dict[str, object]:
+    """Steps, training wall-clock and resumptions of a train_medsegdiff.py run over ALL its invocations (the
+    scheduler's task time holds only the last one): each stats.jsonl training record covers the steps since the
+    previous logged step at its s/step, and where a resume redid steps the later record of a step wins, so the
+    time is that of the steps the final model went through (work lost to an interruption is not counted); a
+    resumption counts when it went on training (a rerun of a finished run also logs "resumed ... at step <final>")."""
+    stats = [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines()]
+    recs = [s for s in stats if "img_per_s" in s]
+    s_per_step = {rec["step"]: rec["s_per_step"] for rec in recs}   # later records (after a resume) win
+    steps = sorted(s_per_step)
+    train_s = sum(s_per_step[st] * (st - prev) for prev, st in zip([0] + steps, steps))
+    final = recs[-1]["step"] if recs else 0
+    log = run_dir / "log.txt"
+    starts = re.findall(r"resumed from .* at step (\d+)", log.read_text()) if log.is_file() else []
+    return {"steps": final if recs else None, "train_wallclock_s": round(train_s, 1),
+            "resumes": sum(int(n) < final for n in starts),
+            "img_per_s_median": sorted(s["img_per_s"] for s in recs)[len(recs) // 2] if recs else None}
+
+
 def summarise(args, tasks_seconds: dict[str, float]) -> dict[str, object]:
     from metrics.similarity import compare_runs
     runs = Path(args.runs_dir)
@@ -243,25 +263,12 @@ def summarise(args, tasks_seconds: dict[str, float]) -> dict[str, object]:
             if arm != best:
                 comparisons[f"{arm} - {best}"] = compare_runs(dirs[best], dirs[arm], seed=0)
     diffusion = json.loads((runs / "medsegdiff" / "config.json").read_text())
-    stats = [json.loads(line) for line in (runs / "medsegdiff" / "stats.jsonl").read_text().splitlines()]
-    train_recs = [s for s in stats if "img_per_s" in s]
-    # training wall-clock over every invocation (task_seconds only holds the last one when a run was resumed):
-    # each log record covers the steps since the previous one at its s/step
-    train_s, prev = 0.0, 0
-    for rec in train_recs:
-        if rec["step"] > prev:
-            train_s += rec["s_per_step"] * (rec["step"] - prev)
-        prev = rec["step"]
-    log = runs / "medsegdiff" / "log.txt"
-    resumes = log.read_text().count("resumed from") if log.is_file() else 0
+    history = diffusion_history(runs / "medsegdiff")
     return {
         "command": shlex.join(["python", "bench/evidence.py", *sys.argv[1:]]),
         "quick": bool(args.quick), "seeds": args.seeds, "arms": arms,
         "best_non_synthetic_arm_by_validation_dice": best, "comparisons": comparisons,
-        "diffusion": {"steps": train_recs[-1]["step"] if train_recs else None,
-                      "train_wallclock_s": round(train_s, 1), "resumes": resumes,
-                      "img_per_s_median": sorted(s["img_per_s"] for s in train_recs)[len(train_recs) // 2]
-                      if train_recs else None,
+        "diffusion": {**history,
                       "config": {k: diffusion.get(k) for k in ("img_size", "batch_size", "max_steps", "lr",
                                                               "model_channels", "channel_mult", "prediction_type",
                                                               "snr_gamma", "patch_size", "resolved_precision",

@@ -103,3 +103,18 @@ def test_arm_summary_without_one_class_does_not_crash(tmp_path):
     assert s["benign_specificity"]["mean"] == pytest.approx(2 / 3)
     assert s["malignant_auc"]["mean"] is None
     assert "malignant_recall" not in compare_runs([tmp_path / "b"], [tmp_path / "b"])["metrics"]
+
+
+def test_diffusion_history_over_resumed_invocations(tmp_path):
+    """Wall-clock sums each record's s/step over the steps it covers, steps redone after a resume count once, and a
+    rerun of the finished run is not a resumption."""
+    recs = [(100, 1.0), (200, 2.0), (100, 1.5), (200, 1.5), (300, 1.0)]   # killed after 200, resumed from 0
+    (tmp_path / "stats.jsonl").write_text("".join(
+        json.dumps({"step": st, "s_per_step": sps, "img_per_s": 16 / sps}) + "\n" for st, sps in recs)
+        + json.dumps({"step": 300, "val_loss": 0.2}) + "\n")
+    (tmp_path / "log.txt").write_text("resumed from x/last.pth at step 0 (epoch 0)\n"
+                                      "resumed from x/last.pth at step 300 (epoch 3)\nnothing to do\n")
+    h = evidence.diffusion_history(tmp_path)
+    assert h["steps"] == 300 and h["resumes"] == 1
+    assert h["train_wallclock_s"] == pytest.approx(100 * 1.5 + 100 * 1.5 + 100 * 1.0)
+    assert h["img_per_s_median"] == pytest.approx(16 / 1.5)
