@@ -13,6 +13,7 @@ from common.cli import parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
 def load_script(rel: str):
     """The script module at ``rel`` (a top-level script, or one under bench/)."""
     path = ROOT / rel
@@ -34,8 +35,9 @@ def readme_commands():
         for line in joined.splitlines():
             line = line.split("#", 1)[0].strip()
             words = shlex.split(line) if line else []
-            if words[:1] == ["torchrun"]:
-                words = ["python"] + [w for w in words[1:] if not w.startswith("--nproc")][1:]
+            if words[:1] == ["torchrun"]:   # torchrun's own options come before the script
+                script = next((i for i, w in enumerate(words) if w.endswith(".py")), len(words))
+                words = ["python"] + words[script:]
             if len(words) >= 2 and words[0] == "python" and words[1].endswith(".py") and "..." not in words:
                 commands.append(words[1:])
     return commands
