@@ -45,13 +45,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_epochs", type=positive_int, default=100, help="epochs over the training split")
     g.add_argument("--max_steps", type=non_negative_int, default=0,
                    help="total optimiser steps; 0 = num_epochs x steps per epoch")
-    g.add_argument("--lr", type=float, default=1e-4, help="AdamW peak learning rate (cosine decay after warm-up)")
+    g.add_argument("--lr", type=float, default=1e-4, help="AdamW peak learning rate (after warm-up)")
+    g.add_argument("--lr_scheduler", default="cosine", choices=("cosine", "constant_with_warmup", "linear"),
+                   help="learning-rate schedule after the warm-up (diffusers' get_scheduler names); "
+                        "constant_with_warmup suits runs measured by a time budget rather than a step count")
     g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
     g.add_argument("--warmup_steps", type=non_negative_int, default=500,
                    help="linear warm-up steps (at most 5%% of the run)")
     g.add_argument("--grad_clip", type=float, default=1.0, help="gradient-norm clipping threshold")
     g.add_argument("--ema_decay", type=float, default=0.9999,
                    help="EMA decay (with warm-up: min(decay, (1+n)/(10+n)) after n steps)")
+    g.add_argument("--extra_ema_decays", default="",
+                   help="more EMA decays tracked beside --ema_decay (comma list), saved in snapshots: compares EMA "
+                        "lengths without training again")
     g.add_argument("--cfg_dropout", type=fraction, default=0.1,
                    help="probability of replacing the class by the null class (classifier-free guidance)")
     g.add_argument("--early_stop_patience", type=non_negative_int, default=0,
@@ -73,11 +79,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--patch_size", type=positive_int, default=1,
                    help="pixel-unshuffle factor before the UNet (2 = 4x cheaper, for high resolution or CPU)")
     g.add_argument("--dropout", type=float, default=0.0, help="dropout in residual blocks")
+    g.add_argument("--attention_levels", default="",
+                   help="UNet levels (0 = finest) that get a transformer block after each residual block, e.g. 1,2; "
+                        "the --transformer_depth stack sits at the bottleneck either way")
+    g.add_argument("--self_condition", action=argparse.BooleanOptionalAction, default=False,
+                   help="self-conditioning (Analog Bits): the network also sees its previous clean-sample estimate")
     g.add_argument("--peer_channels", default="32,64,64,128",
                    help="block widths of the UNet2DPeer (only with --arch UNet2DPeer)")
     g = p.add_argument_group("diffusion")
+    g.add_argument("--parameterization", default="ddpm", choices=("ddpm", "edm"),
+                   help="ddpm: discrete schedule (--beta_*, --prediction_type, --snr_gamma); edm: Karras et al. 2022 "
+                        "preconditioning, log-normal noise levels and loss weighting (--sigma_data, --p_mean, --p_std)")
     g.add_argument("--prediction_type", default="epsilon", choices=("epsilon", "v_prediction", "sample"),
-                   help="what the network predicts")
+                   help="what the network predicts (ddpm parameterisation)")
+    g.add_argument("--sigma_data", type=float, default=0.5, help="EDM: standard deviation of the data")
+    g.add_argument("--p_mean", type=float, default=-1.2, help="EDM: mean of log(sigma) in training")
+    g.add_argument("--p_std", type=float, default=1.2, help="EDM: standard deviation of log(sigma) in training")
+    g.add_argument("--mask_encoding", default="binary", choices=("binary", "sdf"),
+                   help="the mask channel: binary (+-mask_scale) or a signed distance map (+-1 at sdf_width px from "
+                        "the boundary, times mask_scale); either way positive inside the lesion")
+    g.add_argument("--mask_scale", type=float, default=1.0,
+                   help="amplitude of the mask channel in (0, 1] (scaled analog bits: < 1 lets noise hide it sooner)")
+    g.add_argument("--sdf_width", type=float, default=8.0, help="pixels at which the signed distance map saturates")
     g.add_argument("--num_train_timesteps", type=positive_int, default=1000, help="diffusion steps")
     g.add_argument("--beta_schedule", default="linear", choices=("linear", "scaled_linear", "squaredcos_cap_v2"),
                    help="noise schedule (diffusers name)")
@@ -113,6 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save last.pth and exit after this many minutes (0 = no limit); rerun to continue")
     g.add_argument("--stop_after_steps", type=non_negative_int, default=0,
                    help="save last.pth and exit after this many steps in this invocation (0 = no limit)")
+    g.add_argument("--budget_minutes", type=float, default=0.0,
+                   help="finish once the training steps have taken this many minutes on --budget_clock, over every "
+                        "invocation of the run (0 = no budget; --max_steps / --num_epochs still cap the run)")
+    g.add_argument("--snapshot_minutes", default="",
+                   help="comma list of training minutes (on --budget_clock) at which the EMA weights are saved to "
+                        "snapshots/min<M>.pth, e.g. 15,30,60: one run then gives every budget up to its longest")
+    g.add_argument("--budget_clock", default="cpu", choices=("cpu", "wall"),
+                   help="cpu: the process's CPU seconds in training steps (all threads; unaffected by other "
+                        "programs' load on a shared machine); wall: wall-clock seconds of the training steps")
     return p
 
 

@@ -17,14 +17,16 @@ class UNet2DPeer(nn.Module):
 
     def __init__(self, img_size: int = 64, in_channels: int = 1, out_channels: int = 1, num_classes: int = 2,
                  block_out_channels: tuple[int, ...] | list[int] = (32, 64, 64, 128), layers_per_block: int = 2,
-                 attention_levels: tuple[int, ...] | list[int] = (3,)):
+                 attention_levels: tuple[int, ...] | list[int] = (3,), self_condition: bool = False):
         super().__init__()
         from diffusers import UNet2DModel
         chans = tuple(int(c) for c in block_out_channels)
         attn = set(int(a) for a in attention_levels)
         down = tuple("AttnDownBlock2D" if i in attn else "DownBlock2D" for i in range(len(chans)))
         up = tuple("AttnUpBlock2D" if (len(chans) - 1 - i) in attn else "UpBlock2D" for i in range(len(chans)))
-        self.net = UNet2DModel(sample_size=img_size, in_channels=in_channels + out_channels,
+        self.self_condition = bool(self_condition)
+        io = in_channels + out_channels
+        self.net = UNet2DModel(sample_size=img_size, in_channels=io * (2 if self.self_condition else 1),
                                out_channels=in_channels + out_channels, block_out_channels=chans,
                                layers_per_block=layers_per_block, down_block_types=down, up_block_types=up,
                                num_class_embeds=num_classes + 1,
@@ -33,7 +35,8 @@ class UNet2DPeer(nn.Module):
         self.null_class = num_classes
         self.init_kwargs = {"img_size": img_size, "in_channels": in_channels, "out_channels": out_channels,
                             "num_classes": num_classes, "block_out_channels": list(chans),
-                            "layers_per_block": layers_per_block, "attention_levels": sorted(attn)}
+                            "layers_per_block": layers_per_block, "attention_levels": sorted(attn),
+                            "self_condition": self.self_condition}
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor,
                 return_anchor: bool = False):

@@ -69,17 +69,38 @@ def _as_int(name: str, value, minimum: int) -> int:
 
 
 class _EncoderLevel(nn.Module):
-    def __init__(self, down: nn.Module | None, blocks: list[nn.Module]):
+    def __init__(self, down: nn.Module | None, blocks: list[nn.Module], attn: list[nn.Module] | None = None):
         super().__init__()
         self.down = down
         self.blocks = nn.ModuleList(blocks)
+        self.attn = nn.ModuleList(attn) if attn else None
 
 
 class _DecoderLevel(nn.Module):
-    def __init__(self, blocks: list[nn.Module], up: nn.Module | None):
+    def __init__(self, blocks: list[nn.Module], up: nn.Module | None, attn: list[nn.Module] | None = None):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.up = up
+        self.attn = nn.ModuleList(attn) if attn else None
+
+
+class SpatialTransformer(nn.Module):
+    """One transformer block on the pixels of a feature map (attention inside a UNet level, as ADM's attention
+    resolutions): tokens + fixed 2-D positions, adaLN-zero modulation from the conditioning vector, back to a map.
+    Identity at initialisation."""
+
+    def __init__(self, channels: int, num_heads: int, emb_dim: int, grid: int):
+        super().__init__()
+        self.block = TransformerBlock(channels, num_heads)
+        self.modulation = zero_module(nn.Linear(emb_dim, 6 * channels))
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(channels, grid, grid), persistent=False)
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        b, c, gh, gw = h.shape
+        tokens = h.permute(0, 2, 3, 1).reshape(b, gh * gw, c)
+        pos = self.pos_embed if self.pos_embed.shape[0] == gh * gw else sincos_pos_embed_2d(c, gh, gw, h.device)
+        tokens = self.block(tokens + pos.to(tokens.dtype), self.modulation(emb))
+        return tokens.reshape(b, gh, gw, c).permute(0, 3, 1, 2).contiguous()
 
 
 class ImageAnchor(nn.Module):
@@ -155,6 +176,8 @@ class MedSegDiffV2(nn.Module):
         patch_size: int = 1,
         use_anchor: bool = True,
         grad_checkpointing: bool = False,
+        self_condition: bool = False,
+        attention_levels: tuple[int, ...] | list[int] = (),
     ):
         super().__init__()
         img_size = _as_int("img_size", img_size, 1)
@@ -179,6 +202,14 @@ class MedSegDiffV2(nn.Module):
             raise ValueError(f"MedSegDiffV2: img_size={img_size} is not divisible by patch_size={patch_size}")
         grid = img_size // patch_size
         levels = len(channel_mult)
+        attention_levels = sorted({_as_int("attention_levels entry", a, 0) for a in attention_levels})
+        if attention_levels and attention_levels[-1] >= levels:
+            raise ValueError(f"MedSegDiffV2: attention_levels {attention_levels} must be level indices below "
+                             f"{levels} (0 = the finest level)")
+        for a in attention_levels:
+            if (model_channels * channel_mult[a]) % num_heads or (model_channels * channel_mult[a]) % 4:
+                raise ValueError(f"MedSegDiffV2: width {model_channels * channel_mult[a]} of attention level {a} "
+                                 f"must be divisible by num_heads={num_heads} and by 4")
         if grid % 2 ** (levels - 1):
             raise ValueError(
                 f"MedSegDiffV2: img_size/patch_size = {grid} must be divisible by 2^(levels-1) = "
@@ -204,6 +235,7 @@ class MedSegDiffV2(nn.Module):
             use_transformer=bool(use_transformer), channel_mult=list(channel_mult),
             num_res_blocks=num_res_blocks, dropout=float(dropout), patch_size=patch_size,
             use_anchor=bool(use_anchor), grad_checkpointing=bool(grad_checkpointing),
+            self_condition=bool(self_condition), attention_levels=list(attention_levels),
         )
         self.img_size, self.in_channels, self.out_channels = img_size, in_channels, out_channels
         self.num_classes, self.null_class = num_classes, num_classes
@@ -211,9 +243,12 @@ class MedSegDiffV2(nn.Module):
         self.use_transformer = bool(use_transformer) and transformer_depth > 0
         self.use_anchor = bool(use_anchor)
         self.grad_checkpointing = bool(grad_checkpointing)
+        self.self_condition = bool(self_condition)
+        self.attention_levels = tuple(attention_levels)
 
         p2 = patch_size * patch_size
         io_channels = (in_channels + out_channels) * p2
+        stem_channels = io_channels * (2 if self.self_condition else 1)
         emb_dim = 4 * model_channels
         mc = model_channels
         widths = [mc * m for m in channel_mult]
@@ -224,7 +259,7 @@ class MedSegDiffV2(nn.Module):
         self.class_embedding = nn.Embedding(num_classes + 1, emb_dim)
 
         # encoder: level i = [downsample (i > 0)] + num_res_blocks ResBlocks; one skip per module
-        self.stem = nn.Conv2d(io_channels, widths[0], 3, padding=1)
+        self.stem = nn.Conv2d(stem_channels, widths[0], 3, padding=1)
         skip_widths, ch = [], widths[0]
         enc = []
         for i, w in enumerate(widths):
@@ -235,7 +270,9 @@ class MedSegDiffV2(nn.Module):
                 blocks.append(ResBlock(ch, w, emb_dim, dropout))
                 ch = w
                 skip_widths.append(ch)
-            enc.append(_EncoderLevel(down, blocks))
+            attn = ([SpatialTransformer(w, num_heads, emb_dim, grid // 2 ** i) for _ in range(num_res_blocks)]
+                    if i in self.attention_levels else None)
+            enc.append(_EncoderLevel(down, blocks, attn))
         self.encoder = nn.ModuleList(enc)
 
         # bottleneck: ResBlock, transformer stack (or plain ResBlocks), ResBlock
@@ -259,7 +296,9 @@ class MedSegDiffV2(nn.Module):
             for _ in range(num_res_blocks + 1):
                 blocks.append(ResBlock(ch + skip_widths.pop(), widths[i], emb_dim, dropout))
                 ch = widths[i]
-            dec.append(_DecoderLevel(blocks, Upsample(ch) if i > 0 else None))
+            attn = ([SpatialTransformer(ch, num_heads, emb_dim, grid // 2 ** i) for _ in range(num_res_blocks + 1)]
+                    if i in self.attention_levels else None)
+            dec.append(_DecoderLevel(blocks, Upsample(ch) if i > 0 else None, attn))
         self.decoder = nn.ModuleList(dec)
 
         # anchor on the image channels; its full-resolution features join the output conv's input
@@ -312,9 +351,10 @@ class MedSegDiffV2(nn.Module):
     def forward(self, x, timesteps, class_labels=None, return_anchor: bool = False):
         b, c, height, width = x.shape
         p = self.patch_size
-        if c != self.in_channels + self.out_channels:
-            raise ValueError(f"MedSegDiffV2: expected {self.in_channels}+{self.out_channels} input channels "
-                             f"(image + mask), got {c}")
+        expected = (self.in_channels + self.out_channels) * (2 if self.self_condition else 1)
+        if c != expected:
+            raise ValueError(f"MedSegDiffV2: expected {expected} input channels (image + mask"
+                             f"{', then their self-conditioning estimate' if self.self_condition else ''}), got {c}")
         step = p * 2 ** (len(self.channel_mult) - 1)
         if height % step or width % step:
             raise ValueError(f"MedSegDiffV2: input size {height}x{width} must be divisible by {step} "
@@ -337,8 +377,10 @@ class MedSegDiffV2(nn.Module):
                 j = i - self.anchor_first_level
                 h = h + self.anchor.inject[j](feats[j])
             skips.append(h)
-            for blk in level.blocks:
+            for k, blk in enumerate(level.blocks):
                 h = maybe_checkpoint(ckpt, blk, h, emb)
+                if level.attn is not None:
+                    h = maybe_checkpoint(ckpt, level.attn[k], h, emb)
                 skips.append(h)
 
         h = maybe_checkpoint(ckpt, self.mid_in, h, emb)
@@ -350,8 +392,10 @@ class MedSegDiffV2(nn.Module):
         h = maybe_checkpoint(ckpt, self.mid_out, h, emb)
 
         for level in self.decoder:
-            for blk in level.blocks:
+            for k, blk in enumerate(level.blocks):
                 h = maybe_checkpoint(ckpt, blk, h, emb, skips.pop())
+                if level.attn is not None:
+                    h = maybe_checkpoint(ckpt, level.attn[k], h, emb)
             if level.up is not None:
                 h = level.up(h)
 

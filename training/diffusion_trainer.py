@@ -19,7 +19,7 @@ from torch import nn
 from common.cli import UserError
 from data.pairs import LABEL_INDEX, LABELS, open_pair_dataset
 from models.denoisers import build_denoiser
-from models.diffusion import DiffusionConfig, JointDiffusion, images_to_model_space, model_space_to_images
+from models.diffusion import DiffusionConfig, JointDiffusion, model_space_to_images
 from training.checkpoint import load_checkpoint, load_resumable, rng_state, save_checkpoint, set_rng_state
 from training.distributed import DistInfo, all_reduce_mean, barrier, broadcast_flag
 from training.ema import EMA
@@ -28,13 +28,14 @@ from training.run import RunDir
 from training.visual import save_grid
 
 # flags that may change between a run and its resumption (run length, logging, hardware)
-RESUMABLE_KEYS = {"num_epochs", "max_steps", "stop_after_steps", "time_limit_minutes", "log_every",
+RESUMABLE_KEYS = {"num_epochs", "max_steps", "stop_after_steps", "time_limit_minutes", "budget_minutes",
+                  "snapshot_minutes", "log_every",
                   "sample_every", "save_every", "val_every", "device", "config", "resume", "compile",
                   "early_stop_patience", "samples_per_class", "sample_sampler", "sample_steps",
                   "sample_guidance", "data_dir", "output_dir", "precision", "channels_last"}
 # flags that define the network (stored in the checkpoint as the model's constructor kwargs)
 MODEL_FLAGS = ("img_size", "model_channels", "channel_mult", "num_res_blocks", "transformer_depth", "num_heads",
-               "use_transformer", "patch_size", "use_anchor", "dropout", "grad_checkpointing")
+               "use_transformer", "patch_size", "use_anchor", "dropout", "grad_checkpointing", "self_condition")
 
 
 @dataclass
@@ -62,19 +63,28 @@ def load_split(data_dir: str, split: str, class_names: list[str], img_size: int,
                      labels.to(device), class_names, [r["id"] for r in rows])
 
 
+def parse_floats(text: str) -> list[float]:
+    return [float(c) for c in str(text or "").split(",") if c.strip()]
+
+
 def class_names_for(num_classes: int) -> list[str]:
     if num_classes not in (2, 3):
         raise UserError(f"--num_classes must be 2 (benign, malignant) or 3 (+ normal), got {num_classes}")
     return list(LABELS[:num_classes])
 
 
+def int_list(text: str) -> list[int]:
+    return [int(c) for c in str(text).split(",") if c.strip()]
+
+
 def model_kwargs_from_args(args) -> dict[str, Any]:
     if args.arch == "UNet2DPeer":
         return {"img_size": args.img_size, "num_classes": args.num_classes,
-                "block_out_channels": [int(c) for c in args.peer_channels.split(",")],
-                "layers_per_block": args.num_res_blocks}
+                "block_out_channels": int_list(args.peer_channels),
+                "layers_per_block": args.num_res_blocks, "self_condition": bool(args.self_condition)}
     kw = {k: getattr(args, k) for k in MODEL_FLAGS}
-    kw["channel_mult"] = tuple(int(c) for c in args.channel_mult.split(",")) if args.channel_mult else None
+    kw["channel_mult"] = tuple(int_list(args.channel_mult)) if args.channel_mult else None
+    kw["attention_levels"] = int_list(args.attention_levels)
     kw["num_classes"] = args.num_classes
     return kw
 
@@ -83,7 +93,10 @@ def diffusion_config_from_args(args) -> DiffusionConfig:
     return DiffusionConfig(num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule,
                            beta_start=args.beta_start, beta_end=args.beta_end, prediction_type=args.prediction_type,
                            mask_loss_weight=args.mask_loss_weight, anchor_loss_weight=args.anchor_loss_weight,
-                           snr_gamma=args.snr_gamma or None)
+                           snr_gamma=args.snr_gamma or None, parameterization=args.parameterization,
+                           sigma_data=args.sigma_data, p_mean=args.p_mean, p_std=args.p_std,
+                           self_condition=bool(args.self_condition), mask_encoding=args.mask_encoding,
+                           mask_scale=args.mask_scale, sdf_width=args.sdf_width)
 
 
 def flip_augment(images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator
@@ -105,7 +118,10 @@ class DiffusionTrainer:
             raise UserError(f"{args.data_dir}: no training pairs of class {', '.join(missing)} "
                             f"(--num_classes {args.num_classes} needs every class; use 2 to leave out normal)")
         self.val = load_split(args.data_dir, "val", self.class_names, args.img_size, device)
-        self.diffusion = JointDiffusion(diffusion_config_from_args(args))
+        try:
+            self.diffusion = JointDiffusion(diffusion_config_from_args(args))
+        except ValueError as exc:
+            raise UserError(f"diffusion configuration: {exc}") from None
         self.model_kwargs = model_kwargs_from_args(args)
         try:
             self.model = build_denoiser(args.arch, self.model_kwargs).to(device)
@@ -115,6 +131,11 @@ class DiffusionTrainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.n_params = sum(p.numel() for p in self.model.parameters())
         self.ema = EMA(self.model, decay=args.ema_decay)
+        # more EMA lengths tracked side by side (cheap: one lerp per step), saved in snapshots and checkpoints
+        self.extra_emas = {f"{d:g}": EMA(self.model, decay=d) for d in parse_floats(args.extra_ema_decays)}
+        self.snapshot_minutes = sorted(parse_floats(args.snapshot_minutes))
+        self.train_cpu_s = 0.0    # time spent in training steps, summed over every invocation (the budget clock)
+        self.train_wall_s = 0.0
         fused = device.type in ("cuda", "cpu")   # one kernel for all parameters (CPU: 27 -> 8 ms per step, demo)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                            betas=(0.9, 0.999), fused=fused)
@@ -126,8 +147,9 @@ class DiffusionTrainer:
                             f"({self.global_batch}); lower --batch_size")
         self.total_steps = args.max_steps or args.num_epochs * self.steps_per_epoch
         warmup = min(args.warmup_steps, max(1, self.total_steps // 20))
-        from diffusers.optimization import get_cosine_schedule_with_warmup
-        self.lr_sched = get_cosine_schedule_with_warmup(self.optimizer, warmup, self.total_steps)
+        from diffusers.optimization import get_scheduler
+        self.lr_sched = get_scheduler(args.lr_scheduler, self.optimizer, num_warmup_steps=warmup,
+                                      num_training_steps=self.total_steps)
         self.scaler = grad_scaler(device, precision)
         self.gen = torch.Generator(device=device)
         self.gen.manual_seed(args.seed * 1000 + dist.rank)
@@ -163,6 +185,8 @@ class DiffusionTrainer:
             "epoch": self.epoch,
             "best_val_loss": self.best_val,
             "config": self.config,
+            "train_cpu_s": self.train_cpu_s,
+            "train_wall_s": self.train_wall_s,
         }
         if full:
             base.update({
@@ -175,8 +199,31 @@ class DiffusionTrainer:
                 "gen": self.gen.get_state(), "order_gen": self.order_gen.get_state(),
                 "rng": rng_state(),
                 "val_history": self.val_history, "bad_vals": self.bad_vals,
+                "extra_emas": {k: e.state_dict() for k, e in self.extra_emas.items()},
             })
         return base
+
+    def budget_clock(self) -> float:
+        """Seconds of training so far on the clock that --budget_minutes and --snapshot_minutes count: the process's
+        CPU time (all its threads) with --budget_clock cpu, wall-clock time of the training steps with wall."""
+        return self.train_cpu_s if self.args.budget_clock == "cpu" else self.train_wall_s
+
+    def save_due_snapshots(self) -> None:
+        """EMA weights at each --snapshot_minutes mark the budget clock has passed: snapshots/min<M>.pth, a checkpoint
+        generate_synthetic.py reads like best_model.pth, plus the extra EMA lengths."""
+        if not self.snapshot_minutes or not self.dist.is_main:
+            return
+        clock = self.budget_clock() / 60.0
+        while self.snapshot_minutes and clock >= self.snapshot_minutes[0]:
+            minutes = self.snapshot_minutes.pop(0)
+            path = self.run.file("snapshots") / f"min{minutes:g}.pth"
+            if not path.exists():
+                payload = self.payload(full=False)
+                payload["snapshot_minutes"] = minutes
+                payload["extra_emas"] = {k: e.state_dict()["module"] for k, e in self.extra_emas.items()}
+                save_checkpoint(path, payload)
+                self.run.log(f"snapshot at {minutes:g} min of training ({self.args.budget_clock} clock), step "
+                             f"{self.step}: {path}")
 
     def save_last(self) -> None:
         if self.dist.is_main:
@@ -203,6 +250,13 @@ class DiffusionTrainer:
         self.best_val = float(ckpt["best_val_loss"])
         self.val_history = [list(v) for v in ckpt.get("val_history", [])]
         self.bad_vals = int(ckpt.get("bad_vals", 0))
+        self.train_cpu_s = float(ckpt.get("train_cpu_s", 0.0))
+        self.train_wall_s = float(ckpt.get("train_wall_s", 0.0))
+        done = self.budget_clock() / 60.0
+        self.snapshot_minutes = [m for m in self.snapshot_minutes if m > done]
+        for k, state in ckpt.get("extra_emas", {}).items():
+            if k in self.extra_emas:
+                self.extra_emas[k].load_state_dict(state)
         self.run.log(f"resumed from {path} at step {self.step} (epoch {self.epoch})")
         return True
 
@@ -224,7 +278,7 @@ class DiffusionTrainer:
             from training.augment import augment
             img01, masks = augment(images.float() / 255.0, masks.float(), "standard", self.gen)
             images = (img01 * 255.0).round().clamp(0, 255).to(torch.uint8)
-        x0 = images_to_model_space(images, masks)
+        x0 = self.diffusion.to_model_space(images, masks)
         if self.args.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         drop = torch.rand(labels.shape[0], device=self.device, generator=self.gen) < self.args.cfg_dropout
@@ -244,6 +298,8 @@ class DiffusionTrainer:
         self.scaler.update()
         self.lr_sched.step()
         self.ema.update(self.model)
+        for e in self.extra_emas.values():
+            e.update(self.model)
         return loss, parts
 
     # ------------------------------------------------------------------ validation and samples
@@ -257,18 +313,18 @@ class DiffusionTrainer:
         k = self.args.val_timesteps
         g = torch.Generator(device=self.device)
         g.manual_seed(12345)
-        t_grid = ((torch.arange(k, device=self.device) + 0.5) / k * self.diffusion.config.num_train_timesteps).long()
+        t_grid = self.diffusion.level_grid(k, self.device)
         total, count = torch.zeros((), device=self.device), 0
         model = self.ema.module
         for start in range(0, n, self.args.batch_size):
             sl = slice(start, min(n, start + self.args.batch_size))
-            x0 = images_to_model_space(data.images[sl], data.masks[sl])
+            x0 = self.diffusion.to_model_space(data.images[sl], data.masks[sl])
             labels = data.labels[sl]
             for t in t_grid:
                 noise = torch.randn(x0.shape, device=self.device, generator=g)
-                ts = torch.full((x0.shape[0],), int(t), device=self.device, dtype=torch.long)
+                ts = t.expand(x0.shape[0])
                 with autocast(self.device, self.precision):
-                    _, parts = self.diffusion.loss(model, x0, labels, timesteps=ts, noise=noise)
+                    _, parts = self.diffusion.loss(model, x0, labels, timesteps=ts, noise=noise, self_cond=False)
                 total += parts["per_sample"].sum()
                 count += x0.shape[0]
         return float(total / count)
@@ -296,8 +352,9 @@ class DiffusionTrainer:
                     f"{self.total_steps} steps of global batch {self.global_batch} "
                     f"({self.steps_per_epoch} steps/epoch), {args.img_size} px, {self.precision}, "
                     f"{self.device}{f' x {self.dist.world_size} processes' if self.dist.enabled else ''}")
-        if self.step >= self.total_steps:
-            run.log(f"already trained for {self.step} steps (target {self.total_steps}); nothing to do")
+        if self.step >= self.total_steps or (args.budget_minutes and self.budget_clock() >= 60 * args.budget_minutes):
+            run.log(f"already trained for {self.step} steps (target {self.total_steps}"
+                    f"{f', budget {args.budget_minutes:g} min' if args.budget_minutes else ''}); nothing to do")
             return {"step": self.step, "best_val_loss": self.best_val, "stopped": "complete"}
         from tqdm import tqdm
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
@@ -313,6 +370,7 @@ class DiffusionTrainer:
         nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         last_good_step = self.step
         while self.step < self.total_steps:
+            c0, w0 = time.process_time(), time.perf_counter()
             x0, labels = self.next_batch()
             try:
                 loss, parts = self.train_step(x0, labels)
@@ -321,14 +379,19 @@ class DiffusionTrainer:
                     f"CUDA out of memory at step {self.step} (batch {args.batch_size}, {args.img_size} px): lower "
                     "--batch_size, use --precision bf16, add --grad_checkpointing, or shrink the model "
                     "(--model_channels, --transformer_depth, --patch_size 2)") from None
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.train_cpu_s += time.process_time() - c0
+            self.train_wall_s += time.perf_counter() - w0
             self.step += 1
             steps_this_run += 1
             bar.update(1)
+            self.save_due_snapshots()
             # running statistics on the device: no host synchronisation per step
             nonfinite |= ~torch.isfinite(loss.detach())
             acc += torch.stack([loss.detach().float(), parts["image"], parts["mask"], parts["anchor"]])
             acc_n += 1
-            q = (parts["timesteps"] * 4 // self.diffusion.config.num_train_timesteps).clamp(max=3)
+            q = parts["quartile"]
             q_sum.index_add_(0, q, parts["per_sample"].float())
             q_cnt.index_add_(0, q, torch.ones_like(parts["per_sample"], dtype=torch.float))
 
@@ -338,6 +401,10 @@ class DiffusionTrainer:
                 out_of_time = broadcast_flag((time.time() - t_start) > 60 * args.time_limit_minutes,
                                              self.dist, self.device)
             chunk_done = bool(args.stop_after_steps) and steps_this_run >= args.stop_after_steps
+            budget_done = False
+            if args.budget_minutes and (self.step % args.log_every == 0 or self.dist.world_size == 1):
+                budget_done = broadcast_flag(self.budget_clock() >= 60 * args.budget_minutes, self.dist, self.device)
+                at_end = at_end or budget_done
             checkpoint_now = at_end or out_of_time or chunk_done or self.step % args.save_every == 0
             if self.step % args.log_every == 0 or checkpoint_now:
                 if bool(nonfinite):
@@ -379,11 +446,14 @@ class DiffusionTrainer:
                 stop_reason = f"early stop: validation loss did not improve in {args.early_stop_patience} evaluations"
                 self.save_last()
                 break
+            if budget_done:
+                stop_reason = f"complete: training budget of {args.budget_minutes:g} minutes reached"
+                break
             if out_of_time or chunk_done:
                 stop_reason = "time limit" if out_of_time else "chunk done"
                 break
         bar.close()
-        if stop_reason == "complete" or stop_reason.startswith("early"):
+        if stop_reason.startswith(("complete", "early")):
             run.log(f"finished at step {self.step} ({stop_reason}); best validation loss {self.best_val:.5f}; "
                     f"best model: {run.file('best_model.pth')}")
         else:

@@ -1,0 +1,622 @@
+#!/usr/bin/env python
+"""Time to realism: how close to real each generator recipe gets for a given amount of training compute.
+
+`make bench-quality` (or `python bench/quality.py --data_dir <prepared BUS-BRA> ...`). Three phases, each resumable
+(rerun the same command and finished work is skipped):
+
+  train      every recipe is train_medsegdiff.py on the same prepared dataset (BUS-BRA at 64 px, patient-grouped
+             official folds), from configs/busbra_evidence.yaml plus the recipe's flags, with a constant learning
+             rate after warm-up, until --budgets' largest value in training minutes; EMA weights are saved at every
+             budget (snapshots/min<M>.pth), with two more EMA lengths beside the preset's. Minutes are CPU minutes
+             of the training steps (--budget_clock cpu: one thread = one core-minute), so a recipe's budget does
+             not depend on what else runs on the machine. Run the recipes of one comparison side by side
+             (--jobs 2 --threads_per_job 1 on 2 cores) so they also share the same machine load.
+  evaluate   per recipe and budget: N pairs drawn in the real training split's class proportions with the default
+             sampler (generate_synthetic.py's DPM-Solver++ 20 steps, guidance 1.5, the same lesion-area rejection),
+             then KID (the headline) and FID against the real training images beside the real-vs-real floor at the
+             same N (held-out real vs training real: patient-disjoint), lesion-morphology W1 beside its floor, the
+             mean nearest-training-image SSIM, and a labelled sample grid.
+  report     bench/quality.json, bench/quality_kid.png (KID against training minutes, log-log, one line per
+             recipe), the scaling fit of the winner (KID against training FLOPs) and a Markdown table.
+
+Recipes are named changes to today's preset (see RECIPES; `--list` prints them). `--quick` runs the whole path on a
+small phantom in about a minute (tested); it measures nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from common.cli import UserError, csv_list, positive_int, run_main  # noqa: E402
+from common.io import atomic_write_json, atomic_write_text  # noqa: E402
+
+PRESET = "configs/busbra_evidence.yaml"
+QUALITY_JSON = ROOT / "bench" / "quality.json"
+QUALITY_PLOT = ROOT / "bench" / "quality_kid.png"
+# every recipe trains under the same loop settings: a constant learning rate (the budget, not a step count, ends a
+# run), validation only at the end, no sample grids, last.pth every 200 steps, two more EMA lengths
+BENCH_FLAGS = ["--lr_scheduler", "constant_with_warmup", "--max_steps", "10000000", "--sample_every", "0",
+               "--val_every", "10000000", "--save_every", "200", "--log_every", "50",
+               "--extra_ema_decays", "0.998,0.9995", "--budget_clock", "cpu"]
+EMA_VARIANTS = ("0.999", "0.998", "0.9995")   # the preset's EMA first; the others are extra_ema_decays
+PEER_CHANNELS = "24,48,48,96"                 # diffusers UNet2DModel at the preset's FLOPs per step (87.5 vs 89.5 G)
+
+
+@dataclass
+class Recipe:
+    what: str
+    flags: list[str] = field(default_factory=list)
+
+
+RECIPES: dict[str, Recipe] = {
+    "current": Recipe("configs/busbra_evidence.yaml as committed: MedSegDiffV2 11.3M, patch 2, v-prediction + "
+                      "Min-SNR-5, transformer at the 4x4 bottleneck, lr 5e-4, batch 16"),
+    "peer": Recipe("diffusers UNet2DModel (24-48-48-96, attention at 8x8) at equal FLOPs per step, same loss and loop",
+                   ["--arch", "UNet2DPeer", "--peer_channels", PEER_CHANNELS]),
+    "edm": Recipe("EDM parameterisation: preconditioning, log-normal sigma, EDM loss weight; EDM DPM-Solver++",
+                  ["--parameterization", "edm"]),
+    "patch1": Recipe("no patch folding: patch 1, widths halved (24-48-48-96) at equal FLOPs",
+                     ["--patch_size", "1", "--model_channels", "24"]),
+    "attn_none": Recipe("no attention anywhere", ["--transformer_depth", "0"]),
+    "attn8": Recipe("attention at 8x8 tokens (after every residual block of that level) instead of the bottleneck",
+                    ["--transformer_depth", "0", "--attention_levels", "2"]),
+    "attn16": Recipe("attention at 16x16 tokens instead of the bottleneck",
+                     ["--transformer_depth", "0", "--attention_levels", "1"]),
+    "selfcond": Recipe("self-conditioning (Analog Bits)", ["--self_condition"]),
+    "mask_scaled": Recipe("mask channel as scaled analog bits (+-0.5)", ["--mask_scale", "0.5"]),
+    "mask_sdf": Recipe("mask channel as a signed distance map (saturating at 8 px)", ["--mask_encoding", "sdf"]),
+    "lr1e-3": Recipe("learning rate 1e-3 (preset 5e-4)", ["--lr", "1e-3"]),
+    "lr2e-4": Recipe("learning rate 2e-4 (preset 5e-4)", ["--lr", "2e-4"]),
+    "batch32": Recipe("batch 32 (preset 16)", ["--batch_size", "32"]),
+    "batch8": Recipe("batch 8 (preset 16)", ["--batch_size", "8"]),
+    "wide": Recipe("wider and shallower at ~equal FLOPs: width 56, 1 residual block per level",
+                   ["--model_channels", "56", "--num_res_blocks", "1"]),
+    "deep": Recipe("narrower and deeper at ~equal FLOPs: width 42, 3 residual blocks per level",
+                   ["--model_channels", "42", "--num_res_blocks", "3"]),
+}
+QUICK_FLAGS = ["--model_channels", "16", "--channel_mult", "1,2", "--transformer_depth", "1", "--num_heads", "2",
+               "--batch_size", "8", "--warmup_steps", "2", "--save_every", "5", "--log_every", "5",
+               "--val_timesteps", "2", "--max_val_images", "16"]
+QUICK_RECIPES = {"current": [], "peer": ["--arch", "UNet2DPeer", "--peer_channels", "8,16"],
+                 "edm": ["--parameterization", "edm"]}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data_dir", default="data/quality/busbra64",
+                   help="prepared pair dataset (prepare_busi_dataset.py output); made from --input_dir if missing")
+    p.add_argument("--input_dir", default=None,
+                   help="the raw BUS-BRA folder, prepared at 64 px into --data_dir when that does not exist yet")
+    p.add_argument("--work_dir", default="checkpoints/quality", help="training runs, samples and per-run metrics")
+    p.add_argument("--recipes", type=csv_list, default=["current", "peer"],
+                   help=f"recipes to train / evaluate / report, or all (known: {', '.join(RECIPES)}); add a recipe to "
+                        "RECIPES to try another change, so that it is named in the results")
+    p.add_argument("--budgets", type=csv_list, default=["15", "30", "60"],
+                   help="training minutes at which each recipe is evaluated; training runs to the largest")
+    p.add_argument("--phases", type=csv_list, default=["train", "evaluate", "report"],
+                   help="any of train, evaluate, report")
+    p.add_argument("--jobs", type=positive_int, default=2, help="trainings / evaluations at the same time")
+    p.add_argument("--threads_per_job", type=positive_int, default=1, help="CPU threads of each")
+    p.add_argument("--n_samples", type=positive_int, default=500,
+                   help="synthetic pairs per evaluation, in the real training split's class proportions")
+    p.add_argument("--ema_variants", action="store_true",
+                   help="also evaluate the two extra EMA lengths of each snapshot")
+    p.add_argument("--winner", default=None, help="recipe whose budgets make the scaling fit (report phase)")
+    p.add_argument("--headline_budget", type=float, default=60.0,
+                   help="minutes at which the winner is compared with current and peer (report phase)")
+    p.add_argument("--output", default=str(QUALITY_JSON), help="results JSON (report phase)")
+    p.add_argument("--quick", action="store_true",
+                   help="the whole path on a small phantom in about a minute: checks that it runs, measures nothing")
+    p.add_argument("--list", action="store_true", help="print the recipes and exit")
+    p.add_argument("--eval_one", nargs=3, metavar=("RECIPE", "MINUTES", "EMA"), help=argparse.SUPPRESS)
+    return p
+
+
+# ---------------------------------------------------------------------------------------------- settings
+@dataclass
+class Setup:
+    data_dir: Path
+    work: Path
+    n_samples: int
+    quick: bool
+    threads: int
+
+    def run_dir(self, recipe: str) -> Path:
+        return self.work / "runs" / recipe
+
+    def snapshot(self, recipe: str, minutes: float) -> Path:
+        return self.run_dir(recipe) / "snapshots" / f"min{minutes:g}.pth"
+
+    def eval_dir(self, recipe: str, minutes: float, ema: str) -> Path:
+        return self.work / "eval" / recipe / f"min{minutes:g}_ema{ema}"
+
+    def recipe_flags(self, recipe: str) -> list[str]:
+        if self.quick:
+            return QUICK_FLAGS + QUICK_RECIPES[recipe]
+        return RECIPES[recipe].flags
+
+
+def setup_from(args) -> Setup:
+    work = Path(args.work_dir)
+    data = Path(args.data_dir)
+    if args.quick:
+        data = work / "phantom32"
+    return Setup(data, work, 24 if args.quick else args.n_samples, args.quick, args.threads_per_job)
+
+
+def env(threads: int) -> dict[str, str]:
+    e = dict(os.environ)
+    e.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    return e
+
+
+def run_tasks(tasks: list[tuple[str, list[str], Path]], jobs: int, threads: int) -> None:
+    """Run (name, argv, log) tasks ``jobs`` at a time; one failure stops the rest after the running ones end."""
+    pending, running, failed = list(tasks), [], []
+    while pending or running:
+        while pending and len(running) < jobs and not failed:
+            name, argv, log = pending.pop(0)
+            log.parent.mkdir(parents=True, exist_ok=True)
+            print(f"[{time.strftime('%H:%M:%S')}] start {name}: {' '.join(argv)}", flush=True)
+            fh = open(log, "a")
+            running.append((name, subprocess.Popen(argv, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT,
+                                                   env=env(threads)), fh, log))
+        time.sleep(2)
+        for item in list(running):
+            name, proc, fh, log = item
+            if proc.poll() is None:
+                continue
+            fh.close()
+            running.remove(item)
+            print(f"[{time.strftime('%H:%M:%S')}] {name} {'done' if proc.returncode == 0 else 'FAILED'} "
+                  f"(log: {log})", flush=True)
+            if proc.returncode:
+                failed.append(name)
+        if failed and not running:
+            break
+    if failed:
+        raise UserError(f"failed: {', '.join(failed)} (see their logs under the work folder); rerun to resume")
+
+
+# ---------------------------------------------------------------------------------------------- train
+def prepare(args, s: Setup) -> None:
+    if (s.data_dir / "dataset.json").is_file():
+        return
+    py = sys.executable
+    if s.quick:
+        argv = [py, "prepare_busi_dataset.py", "--phantom", "80", "--img_size", "32", "--output_dir", str(s.data_dir)]
+    elif args.input_dir:
+        argv = [py, "prepare_busi_dataset.py", "--input_dir", args.input_dir, "--img_size", "64", "--output_dir",
+                str(s.data_dir)]
+    else:
+        raise UserError(f"{s.data_dir}: no prepared dataset; pass --input_dir /path/to/BUSBRA to prepare it")
+    print(f"prepare: {' '.join(argv)}", flush=True)
+    subprocess.run(argv, cwd=ROOT, check=True, env=env(s.threads), stdout=subprocess.DEVNULL)
+
+
+def train_argv(s: Setup, recipe: str, budgets: Sequence[float]) -> list[str]:
+    argv = [sys.executable, "train_medsegdiff.py", "--config", PRESET, "--data_dir", str(s.data_dir),
+            "--output_dir", str(s.run_dir(recipe)), "--budget_minutes", f"{max(budgets):g}",
+            "--snapshot_minutes", ",".join(f"{b:g}" for b in budgets), *BENCH_FLAGS]
+    if s.quick:
+        argv += ["--img_size", "32"]
+    return argv + s.recipe_flags(recipe)
+
+
+def train(args, s: Setup, recipes: Sequence[str], budgets: Sequence[float]) -> None:
+    tasks = []
+    for r in recipes:
+        if all(s.snapshot(r, b).is_file() for b in budgets):
+            continue
+        tasks.append((f"train {r}", train_argv(s, r, budgets), s.work / "logs" / f"train_{r}.log"))
+    run_tasks(tasks, args.jobs, s.threads)
+
+
+# ---------------------------------------------------------------------------------------------- evaluate
+def real_reference(s: Setup) -> dict[str, Any]:
+    """The real images split into training and held-out (val + test) sides, with their Inception features
+    (computed once per dataset, cached in the work folder)."""
+    import numpy as np
+    import torch
+
+    from data.pairs import open_pair_dataset
+    ds = open_pair_dataset(s.data_dir)
+    rows = ds.select(labels=["benign", "malignant"])
+    images, masks = ds.load(rows)
+    held = np.array([r["split"] != "train" for r in rows])
+    labels = np.array([r["label"] for r in rows])
+    groups = np.array([r.get("group") or r["id"] for r in rows])
+    cache = s.work / "eval" / "real_features.pt"
+    if cache.is_file():
+        feats = torch.load(cache, weights_only=True)
+    else:
+        feats = inception_features(images)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(feats, cache)
+    return {"images": images, "masks": masks, "heldout": held, "labels": labels, "groups": groups, "feats": feats}
+
+
+_EXTRACTOR = []
+
+
+def inception_features(images) -> dict[str, Any]:
+    from metrics.generation import create_extractor, extract_features, resolve_inception_weights
+    if not _EXTRACTOR:
+        _EXTRACTOR.append(create_extractor(resolve_inception_weights("offline"), "cpu"))
+    return extract_features(images, _EXTRACTOR[0], progress=False)
+
+
+def class_counts(labels, n: int) -> dict[str, int]:
+    """``n`` split over the classes in the proportions of the real training split (largest remainder)."""
+    import numpy as np
+    names, counts = np.unique(labels, return_counts=True)
+    exact = counts / counts.sum() * n
+    out = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - out))[: n - out.sum()]:
+        out[i] += 1
+    return {str(k): int(v) for k, v in zip(names, out)}
+
+
+def checkpoint_for(s: Setup, recipe: str, minutes: float, ema: str) -> Path:
+    """The snapshot, or (another EMA length) a copy of it whose EMA weights are that length's."""
+    from training.checkpoint import load_checkpoint, save_checkpoint
+    snap = s.snapshot(recipe, minutes)
+    if ema == EMA_VARIANTS[0]:
+        return snap
+    out = s.eval_dir(recipe, minutes, ema) / "checkpoint.pth"
+    if not out.is_file():
+        ckpt = load_checkpoint(snap, expect_kind="diffusion")
+        if ema not in ckpt.get("extra_emas", {}):
+            raise UserError(f"{snap}: no EMA of decay {ema} in this snapshot")
+        ckpt["ema"] = ckpt.pop("extra_emas")[ema]
+        ckpt.pop("format", None)
+        save_checkpoint(out, ckpt)
+    return out
+
+
+def evaluate_one(s: Setup, recipe: str, minutes: float, ema: str) -> dict[str, Any]:
+    """Draw, measure and write <eval_dir>/metrics.json + grid.png for one snapshot (see the module docstring)."""
+    import numpy as np
+    import torch
+
+    from data.pairs import open_pair_dataset
+    from data.synthetic import GenerationRequest, generate
+    from metrics.generation import evaluate_generation
+    from metrics.morphology import evaluate_morphology
+    from metrics.similarity import nearest_ssim
+    from training.checkpoint import load_checkpoint
+
+    out = s.eval_dir(recipe, minutes, ema)
+    if (out / "metrics.json").is_file():
+        return json.loads((out / "metrics.json").read_text())
+    torch.set_num_threads(s.threads)
+    real = real_reference(s)
+    train_lab = real["labels"][~real["heldout"]]
+    counts = class_counts(train_lab, s.n_samples)
+    ckpt_path = checkpoint_for(s, recipe, minutes, ema)
+    ckpt = load_checkpoint(ckpt_path, expect_kind="diffusion")
+    t0 = time.time()
+    summary = generate(GenerationRequest(
+        checkpoint_path=str(ckpt_path), output_dir=str(out / "samples"), classes=sorted(counts), counts=counts,
+        steps=4 if s.quick else 0, batch_size=16, device="cpu", command=f"bench/quality.py {recipe} {minutes} {ema}"))
+    sampling_s = time.time() - t0
+    syn = open_pair_dataset(out / "samples")
+    syn_images, syn_masks = syn.load()
+    syn_labels = np.array([r["label"] for r in syn.rows])
+    feats = {"synthetic": inception_features(syn_images), "real": real["feats"]}
+    gen = evaluate_generation(feats, {"synthetic": syn_labels, "real": real["labels"]}, real["groups"],
+                              real["heldout"], draws=3 if s.quick else 5, seed=0, metrics=("fid", "kid"),
+                              kid_subsets=20 if s.quick else 100, fid_inf=False)
+    morph, _ = evaluate_morphology(syn_images, syn_masks, syn_labels, real["images"], real["masks"],
+                                   real["labels"], real["groups"], real["heldout"], draws=3 if s.quick else 5)
+    train_images = real["images"][~real["heldout"]]
+    near, _ = nearest_ssim(syn_images, train_images)
+    near_held, _ = nearest_ssim(real["images"][real["heldout"]], train_images)
+    w1 = {lab: v["mean_wasserstein"] for lab, v in morph["per_class"].items() if "mean_wasserstein" in v}
+    weights = {lab: counts.get(lab, 0) for lab in w1}
+    total = sum(weights.values()) or 1
+
+    def wmean(key):
+        vals = [w1[lab][key]["mean"] for lab in w1]
+        return float(sum(v * weights[lab] for v, lab in zip(vals, w1)) / total) if vals else None
+
+    a = gen["all"]
+    res = {
+        "recipe": recipe, "minutes": minutes, "ema": ema, "checkpoint": str(ckpt_path),
+        "steps": int(ckpt["step"]), "train_cpu_s": float(ckpt.get("train_cpu_s", 0.0)),
+        "train_wall_s": float(ckpt.get("train_wall_s", 0.0)), "parameters": sum(v.numel() for v in ckpt["ema"].values()),
+        "n": int(a["n"]), "counts": counts, "rejected": summary.get("rejected_this_run"),
+        "kid": a["kid"]["full_sets"]["mean"], "kid_std": a["kid"]["full_sets"]["std"],
+        "kid_floor": a["kid"]["floor"]["mean"], "kid_floor_std": a["kid"]["floor"]["std"],
+        "fid": a["fid"]["full_sets"], "fid_floor": a["fid"]["floor"]["mean"], "fid_floor_std": a["fid"]["floor"]["std"],
+        "per_class": {lab: {"kid": v["kid"]["full_sets"]["mean"], "kid_floor": v["kid"]["floor"]["mean"],
+                            "fid": v["fid"]["full_sets"], "fid_floor": v["fid"]["floor"]["mean"], "n": v["n"]}
+                      for lab, v in gen["per_class"].items() if "full_sets" in v.get("kid", {})},
+        "morphology_w1": wmean("synthetic"), "morphology_w1_floor": wmean("floor"),
+        "morphology_per_class": {lab: {"synthetic": v["synthetic"]["mean"], "floor": v["floor"]["mean"]}
+                                 for lab, v in w1.items()},
+        "nearest_train_ssim": float(near.mean()), "nearest_train_ssim_floor": float(near_held.mean()),
+        "sampling_seconds": sampling_s,
+    }
+    labelled_grid(out / "grid.png", syn_images, syn_masks, syn_labels,
+                  f"{recipe} - {minutes:g} min ({res['steps']} steps), EMA {ema} - KID {res['kid']:.4f}")
+    atomic_write_json(out / "metrics.json", res)
+    return res
+
+
+def labelled_grid(path: Path, images, masks, labels, title: str, per_class: int = 8) -> None:
+    """A PNG grid: one row per class (named at the left), each pair as image + image with the mask outline."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import torch
+
+    from training.visual import overlay_cells
+    classes = sorted(set(labels))
+    fig, axes = plt.subplots(len(classes), 1, figsize=(1.2 * per_class * 2, 1.35 * len(classes) + 0.4),
+                             squeeze=False)
+    for ax, lab in zip(axes[:, 0], classes):
+        idx = np.flatnonzero(labels == lab)[:per_class]
+        cells = overlay_cells(torch.from_numpy(images[idx])[:, None], torch.from_numpy(masks[idx])[:, None] > 0)
+        row = torch.cat([c for c in cells], dim=2).permute(1, 2, 0).numpy()
+        ax.imshow(row, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(lab, fontsize=10)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def evaluate(args, s: Setup, recipes: Sequence[str], budgets: Sequence[float]) -> None:
+    real_reference(s)   # the real features once, before the workers start
+    emas = EMA_VARIANTS if args.ema_variants else EMA_VARIANTS[:1]
+    tasks = []
+    for r in recipes:
+        for b in budgets:
+            for ema in emas:
+                if not s.snapshot(r, b).is_file() or (s.eval_dir(r, b, ema) / "metrics.json").is_file():
+                    continue
+                argv = [sys.executable, "bench/quality.py", "--eval_one", r, f"{b:g}", ema, "--work_dir",
+                        str(s.work), "--data_dir", str(args.data_dir), "--n_samples", str(args.n_samples),
+                        "--threads_per_job", str(s.threads)] + (["--quick"] if s.quick else [])
+                tasks.append((f"evaluate {r} {b:g} min EMA {ema}", argv,
+                              s.work / "logs" / f"eval_{r}_min{b:g}_ema{ema}.log"))
+    run_tasks(tasks, args.jobs, s.threads)
+
+
+# ---------------------------------------------------------------------------------------------- report
+def step_flops(recipe_flags: Sequence[str], img_size: int, batch: int) -> int:
+    """FLOPs of one training step (forward + backward, self-conditioning's extra forward counted at its rate 1/2),
+    counted by torch.utils.flop_counter on meta tensors."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import train_medsegdiff
+    from common.cli import parse_config
+    from models.denoisers import build_denoiser
+    from training.diffusion_trainer import diffusion_config_from_args, model_kwargs_from_args
+    from models.diffusion import JointDiffusion
+    args = parse_config(train_medsegdiff.build_parser(), ["--config", str(ROOT / PRESET), *recipe_flags])
+    args.img_size, args.batch_size = img_size, batch
+    with torch.device("meta"):
+        model = build_denoiser(args.arch, model_kwargs_from_args(args))
+    diffusion = JointDiffusion(diffusion_config_from_args(args))
+    x0 = torch.zeros(batch, 2, img_size, img_size, device="meta")
+    y = torch.zeros(batch, dtype=torch.long, device="meta")
+    t = (torch.full((batch,), 0.5, device="meta") if diffusion.edm else
+         torch.full((batch,), 500, dtype=torch.long, device="meta"))
+    diffusion._alphas = diffusion._alphas.to("meta")
+    total = 0.0
+    for sc, weight in ((False, 0.5), (True, 0.5)) if diffusion.config.self_condition else ((False, 1.0),):
+        with FlopCounterMode(display=False) as counter:
+            loss, _ = diffusion.loss(model, x0, y, timesteps=t, noise=torch.zeros_like(x0), self_cond=sc)
+            loss.backward()
+        total += weight * counter.get_total_flops()
+    return int(total)
+
+
+def collect(s: Setup, recipes: Sequence[str]) -> dict[str, dict[str, dict[str, Any]]]:
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    root = s.work / "eval"
+    for r in recipes:
+        for m in sorted((root / r).glob("min*_ema*/metrics.json")) if (root / r).is_dir() else []:
+            rec = json.loads(m.read_text())
+            out.setdefault(r, {})[f"{rec['minutes']:g}/{rec['ema']}"] = rec
+    return out
+
+
+def power_fit(points: Sequence[tuple[float, float]]) -> dict[str, float] | None:
+    """log KID = a + b log FLOPs by least squares over the points (FLOPs, KID)."""
+    import numpy as np
+    pts = [(f, k) for f, k in points if f > 0 and k > 0]
+    if len(pts) < 2:
+        return None
+    x = np.log10([p[0] for p in pts])
+    y = np.log10([p[1] for p in pts])
+    b, a = np.polyfit(x, y, 1)
+    resid = y - (a + b * x)
+    return {"log10_kid_intercept": float(a), "slope": float(b),
+            "rms_residual_log10": float(np.sqrt(np.mean(resid ** 2))), "n_points": len(pts)}
+
+
+def report(args, s: Setup, recipes: Sequence[str]) -> dict[str, Any]:
+    results = collect(s, recipes)
+    if not results:
+        raise UserError(f"{s.work / 'eval'}: nothing evaluated yet for {', '.join(recipes)}; run the evaluate phase")
+    img_size = 32 if s.quick else 64
+    flops = {r: step_flops(s.recipe_flags(r), img_size, batch_of(s, r)) for r in results}
+    primary = EMA_VARIANTS[0]
+    table = {}
+    for r, recs in results.items():
+        by_budget = {}
+        for rec in recs.values():
+            entry = {k: rec[k] for k in ("kid", "kid_std", "kid_floor", "kid_floor_std", "fid", "fid_floor",
+                                         "morphology_w1", "morphology_w1_floor", "nearest_train_ssim",
+                                         "nearest_train_ssim_floor", "steps", "train_cpu_s", "n", "per_class")}
+            entry["flops"] = flops[r] * rec["steps"]
+            entry["step_flops"] = flops[r]
+            by_budget.setdefault(f"{rec['minutes']:g}", {})[rec["ema"]] = entry
+        # the recipe's headline: its primary EMA at the largest evaluated budget up to the headline budget
+        cands = [float(m) for m, v in by_budget.items() if primary in v and float(m) <= args.headline_budget]
+        best_m = max(cands) if cands else max(float(m) for m in by_budget)
+        head = dict(by_budget[f"{best_m:g}"].get(primary) or next(iter(by_budget[f"{best_m:g}"].values())))
+        head["budget_minutes"] = best_m
+        table[r] = {**head, "what": (RECIPES[r].what if r in RECIPES else ""), "by_budget": by_budget}
+    any_rec = next(iter(next(iter(results.values())).values()))
+    res: dict[str, Any] = {
+        "created": time.strftime("%F %T"), "command": "python bench/quality.py " + " ".join(sys.argv[1:]),
+        "dataset": str(s.data_dir), "img_size": img_size, "budget_minutes": args.headline_budget,
+        "budget_clock": "CPU minutes of the training steps (one thread each, recipes run side by side)",
+        "n_samples": any_rec["n"], "kid_floor": any_rec["kid_floor"], "kid_floor_std": any_rec["kid_floor_std"],
+        "fid_floor": any_rec["fid_floor"], "sampler": "DPM-Solver++ 20 steps, guidance 1.5 (the default)",
+        "recipes": table,
+    }
+    winner = args.winner
+    if winner and winner in table:
+        def kid_at(r, m):
+            e = table.get(r, {}).get("by_budget", {}).get(f"{m:g}", {}).get(primary)
+            return None if e is None else e["kid"]
+        hb = args.headline_budget
+        kw, kc, kp = kid_at(winner, hb), kid_at("current", hb), kid_at("peer", hb)
+        res["winner"] = winner
+        res["kid_ratio_winner_vs_current"] = None if kw is None or kc is None else kw / kc
+        res["kid_ratio_winner_vs_peer"] = None if kw is None or kp is None else kw / kp
+        pts = sorted((float(m), v[primary]["flops"], v[primary]["kid"])
+                     for m, v in table[winner]["by_budget"].items() if primary in v)
+        fit = power_fit([(f, k) for _, f, k in pts])
+        band = res["kid_floor"] + 2 * res["kid_floor_std"]
+        scaling = {"points": [{"minutes": m, "flops": f, "kid": k} for m, f, k in pts], "fit": fit,
+                   "floor_band_kid": band}
+        if fit and fit["slope"] < 0:
+            need = 10 ** ((math.log10(band) - fit["log10_kid_intercept"]) / fit["slope"])
+            need_001 = 10 ** ((math.log10(0.01) - fit["log10_kid_intercept"]) / fit["slope"])
+            scaling["predicted_flops_to_floor"] = need
+            scaling["predicted_flops_to_kid_0.01"] = need_001
+            # an extrapolation: the same number of optimiser steps at the larger size, FLOPs per step x pixels
+            # (same network on 4x / 16x the pixels); an H100 at 30% of its dense bf16 peak (989 TFLOP/s)
+            gpu = 0.3 * 989e12
+            scaling["gpu_hours_extrapolated"] = {f"{px}px": need * (px / 64) ** 2 / gpu / 3600
+                                                 for px in (64, 128, 256)}
+            scaling["note"] = ("extrapolation of a power law fitted to the points above; GPU-hours assume the same "
+                               "number of optimiser steps at each size, FLOPs per step growing with the pixel count, "
+                               "and an H100 at 30% of its dense bf16 peak")
+        else:
+            scaling["predicted_flops_to_floor"] = None
+            scaling["note"] = "KID does not fall with compute over these points: no extrapolation"
+        res["scaling"] = scaling
+    atomic_write_json(args.output, res)
+    plot(res, Path(args.output).with_name(Path(args.output).stem + "_kid.png"))
+    print(markdown_table(res))
+    print(f"wrote {args.output}")
+    return res
+
+
+def batch_of(s: Setup, recipe: str) -> int:
+    flags = s.recipe_flags(recipe)
+    if "--batch_size" in flags:
+        return int(flags[len(flags) - 1 - flags[::-1].index("--batch_size") + 1])
+    return 8 if s.quick else 16
+
+
+def plot(res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, rec in sorted(res["recipes"].items()):
+        pts = sorted((float(m), v["0.999"]["kid"]) for m, v in rec["by_budget"].items() if "0.999" in v)
+        if not pts:
+            continue
+        ax.plot([p[0] for p in pts], [max(p[1], 1e-5) for p in pts], marker="o", label=name,
+                lw=2.5 if name in (res.get("winner"), "current", "peer") else 1.0)
+    floor, std = res["kid_floor"], res.get("kid_floor_std") or 0.0
+    ax.axhspan(max(floor - 2 * std, 1e-5), floor + 2 * std, color="grey", alpha=0.3,
+               label="real vs real floor (mean +- 2 sd)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training minutes (CPU, one thread)")
+    ax.set_ylabel(f"KID vs real training images (N={res['n_samples']})")
+    ax.set_title("Time to realism, BUS-BRA 64 px (lower is better)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown_table(res: dict[str, Any]) -> str:
+    lines = ["| recipe | minutes | steps | KID ± std | KID / floor | FID (floor) | morphology W1 (floor) | "
+             "nearest SSIM (floor) |", "|---|---|---|---|---|---|---|---|"]
+    floor = res["kid_floor"]
+    for name, rec in sorted(res["recipes"].items(), key=lambda kv: kv[1]["kid"]):
+        ratio = rec["kid"] / floor if floor and floor > 0 else float("nan")
+        lines.append(f"| {name} | {rec['budget_minutes']:g} | {rec['steps']} | {rec['kid']:.4f} ± {rec['kid_std']:.4f}"
+                     f" | {ratio:.0f}x | {rec['fid']:.1f} ({rec['fid_floor']:.1f}) | {rec['morphology_w1']:.3f} "
+                     f"({rec['morphology_w1_floor']:.3f}) | {rec['nearest_train_ssim']:.3f} "
+                     f"({rec['nearest_train_ssim_floor']:.3f}) |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.list:
+        for name, r in RECIPES.items():
+            print(f"{name:12s} {r.what}\n{'':12s} flags: {' '.join(r.flags) or '(none)'}")
+        return 0
+    s = setup_from(args)
+    if args.eval_one:
+        r, m, ema = args.eval_one
+        evaluate_one(s, r, float(m), ema)
+        return 0
+    known = QUICK_RECIPES if args.quick else RECIPES
+    recipes = list(known) if (args.quick and args.recipes == ["current", "peer"]) or args.recipes == ["all"] \
+        else args.recipes
+    bad = [r for r in recipes if r not in known]
+    if bad:
+        raise UserError(f"--recipes: unknown {', '.join(bad)} (known: {', '.join(known)}; see --list)")
+    try:
+        budgets = sorted({float(b) for b in args.budgets})
+    except ValueError:
+        raise UserError(f"--budgets: not a comma list of minutes: {','.join(args.budgets)}") from None
+    if args.quick:
+        budgets = [0.02, 0.04]
+    if not budgets or budgets[0] <= 0:
+        raise UserError("--budgets: every budget must be > 0 minutes")
+    phases = args.phases
+    bad = [p for p in phases if p not in ("train", "evaluate", "report")]
+    if bad:
+        raise UserError(f"--phases: unknown {', '.join(bad)} (train, evaluate, report)")
+    s.work.mkdir(parents=True, exist_ok=True)
+    if args.quick:
+        args.output = str(s.work / "quality.json")
+        args.headline_budget = budgets[-1]
+        args.winner = args.winner or "edm"
+    if "train" in phases:
+        prepare(args, s)
+        train(args, s, recipes, budgets)
+    if "evaluate" in phases:
+        evaluate(args, s, recipes, budgets)
+    if "report" in phases:
+        report(args, s, recipes)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
