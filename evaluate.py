@@ -13,7 +13,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from common.cli import (UserError, csv_list, make_parser, parse_config, positive_int, print_config,
+from common.errors import UserError
+from common.cli import (csv_list, make_parser, parse_config, positive_int, print_config,
                         resolved_config, run_main)
 from common.io import atomic_write_json, atomic_write_text
 
@@ -150,7 +151,8 @@ def _generation(args, d, device) -> dict[str, Any]:
 
 
 def _downstream(args, d, device) -> dict[str, Any]:
-    from metrics.similarity import compare_runs, load_segmenter, mask_alignment, predict_masks
+    from metrics.similarity import compare_runs, mask_alignment, predict_masks
+    from models.loading import load_segmenter
     out: dict[str, Any] = {}
     if args.baseline_run:
         preds = []
@@ -214,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _fewer_page_faults()
     from metrics import report as R
     from metrics.generation import MetricUnavailable, check_local_weights
-    from training.precision import resolve_device
+    from common.precision import resolve_device
     device = str(resolve_device(args.device))   # 'auto' -> cuda when there is one; a bad name is one clear line
     if args.inception_weights not in ("auto", "download", "offline") and not {"fid", "kid", "is"} <= set(args.skip):
         check_local_weights(Path(args.inception_weights).expanduser())

@@ -11,7 +11,7 @@ dataset (split train, source synthetic, provenance per pair in metadata.csv) wit
 run's settings), rejected.jsonl and preview.png.
 
 Controlled generation (--condition_masks): the mask channel is held fixed at given masks while sampling, so
-the same checkpoint draws images for chosen lesion shapes, sizes and positions (data/conditioned.py).
+the same checkpoint draws images for chosen lesion shapes, sizes and positions (sampling/conditioned.py).
 --segmenter RUN reports how well the generated images honour their masks (alignment.json).
 """
 from __future__ import annotations
@@ -19,8 +19,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common.cli import UserError, make_parser, non_negative_int, parse_config, positive_int, print_config, run_main
-from data.synthetic import (DEFAULT_GUIDANCE, DEFAULT_MAX_CANDIDATES_PER_SAMPLE, DEFAULT_MIN_LESION_AREA,
+from common.cli import make_parser, non_negative_int, parse_config, positive_int, print_config, run_main
+from common.errors import UserError
+from sampling.generation import (DEFAULT_GUIDANCE, DEFAULT_MAX_CANDIDATES_PER_SAMPLE, DEFAULT_MIN_LESION_AREA,
                             DEFAULT_SAMPLER)
 
 DEFAULT_COUNT = 1000
@@ -113,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None, *, after_batch=None) -> int:
-    from data.synthetic import GenerationRequest, format_summary, resolve_classes, resolve_counts
+    from sampling.generation import GenerationRequest, format_summary, resolve_classes, resolve_counts
     from models.diffusion import DEFAULT_STEPS
     args = parse_config(build_parser(), argv)
     classes = resolve_classes(args.classes)
@@ -124,7 +125,7 @@ def main(argv=None, *, after_batch=None) -> int:
     else:
         counts = resolve_counts(classes, args.num_samples_per_class, args.balance_to, args.total, DEFAULT_COUNT)
     if args.mask_transform:
-        from data.conditioned import MaskTransform
+        from sampling.conditioned import MaskTransform
         MaskTransform.parse(args.mask_transform)   # a bad spec fails before the checkpoint is read
     if args.dry_run:
         print_config(args)
@@ -142,7 +143,7 @@ def main(argv=None, *, after_batch=None) -> int:
         condition_labels=args.condition_labels)
     if args.segmenter and not (Path(args.segmenter) / "best_model.pth").is_file():
         raise UserError(f"--segmenter {args.segmenter}: no best_model.pth (pass a train_segmentation.py run folder)")
-    from data.synthetic import generate
+    from sampling.generation import generate
     summary = generate(req, after_batch=after_batch)
     if "per_class" in summary:   # rank 0
         print(format_summary(summary))
@@ -155,8 +156,9 @@ def report_alignment(output_dir: str, run: str, device: str) -> str:
     """alignment.json: how well the generated images honour their masks, judged by a real-data segmenter."""
     from common.io import atomic_write_json
     from data.pairs import open_pair_dataset
-    from metrics.similarity import load_segmenter, mask_alignment, predict_masks
-    from training.precision import resolve_device
+    from metrics.similarity import mask_alignment, predict_masks
+    from models.loading import load_segmenter
+    from common.precision import resolve_device
     ds = open_pair_dataset(output_dir)
     images, masks = ds.load()
     model, size = load_segmenter(run)

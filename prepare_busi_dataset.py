@@ -10,7 +10,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
-from common.cli import (UserError, fraction, make_parser, parse_config, positive_int,
+from common.errors import UserError
+from common.cli import (fraction, make_parser, parse_config, positive_int,
                         print_config, run_main)
 from data.pairs import LABELS, TUMOUR_LABELS, PairDatasetWriter
 from data.readers import FORMATS, RESIZE_MODES, SPECK_RULE, decode_cases, problem_lines, scan_dataset
@@ -71,10 +72,7 @@ def build_parser():
 
 
 def make_phantom(raw_dir: Path, n: int, seed: int) -> dict:
-    try:
-        from data.phantom import generate_phantom
-    except ImportError as exc:
-        raise UserError(f"--phantom needs data/phantom.py, which cannot be imported here ({exc})") from None
+    from phantom.simulator import generate_phantom
     info = generate_phantom(raw_dir, n, seed=seed, progress=True)
     return json.loads(json.dumps(info or {}, default=str))
 

@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from common.cli import (UserError, make_parser, non_negative_int, parse_config, positive_int, print_config,
+from common.errors import UserError
+from common.cli import (make_parser, non_negative_int, parse_config, positive_int, print_config,
                         resolved_config, run_main)
 
 EPILOG = """examples:
@@ -67,13 +68,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from common.io import write_png
     from data.pairs import TUMOUR_LABELS, open_pair_dataset
-    from data.synthetic import JointSampler
+    from sampling.generation import JointSampler
     from models.diffusion import DEFAULT_STEPS, images_to_model_space
-    from training.diffusion_trainer import load_diffusion_checkpoint
-    from training.precision import resolve_device
-    from training.run import RunDir
-    from training.seg_eval import evaluate_predictions, write_per_image_csv
-    from training.visual import save_grid
+    from models.loading import load_diffusion_checkpoint
+    from common.precision import resolve_device
+    from common.rundir import RunDir
+    from metrics.seg_eval import evaluate_predictions, write_per_image_csv
+    from common.visual import save_grid
 
     t0 = time.time()
     device = resolve_device(args.device)

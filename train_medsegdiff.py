@@ -156,8 +156,8 @@ def main(argv=None) -> int:
     import torch
 
     from training.diffusion_trainer import DiffusionTrainer
-    from training.distributed import cleanup, init_distributed
-    from training.precision import resolve_device, resolve_precision
+    from common.distributed import cleanup, init_distributed
+    from common.precision import resolve_device, resolve_precision
 
     dist = init_distributed(args.device)
     try:

@@ -15,7 +15,8 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from common.cli import (UserError, csv_list, make_parser, non_negative_int, parse_config, positive_int,
+from common.errors import UserError
+from common.cli import (csv_list, make_parser, non_negative_int, parse_config, positive_int,
                         print_config, resolved_config, run_main)
 
 EPILOG = """examples:
@@ -128,7 +129,7 @@ def check_args(args) -> None:
 def train_one(args, seed: int) -> dict:
     import torch
 
-    from training.precision import resolve_device, resolve_precision
+    from common.precision import resolve_device, resolve_precision
     from training.seg_trainer import SegTrainer, dataset_fingerprint, open_training_dataset
 
     args = argparse.Namespace(**vars(args))

@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from common.cli import UserError, csv_list, positive_int, run_main  # noqa: E402
+from common.cli import csv_list, positive_int, run_main
+from common.errors import UserError  # noqa: E402
 
 ARMS = {  # name -> (uses synthetic data, --augment)
     "real": (False, "standard"),
@@ -346,7 +347,7 @@ def copy_results(args, summary: dict[str, object]) -> Path:
 def _real_grid(work: Path, res: Path, size: int) -> None:
     """real_samples.png: 8 real training pairs per class, laid out like synthetic_preview.png."""
     from data.pairs import open_pair_dataset
-    from training.visual import grid_from_arrays
+    from common.visual import grid_from_arrays
     ds = open_pair_dataset(work / f"busbra{size}")
     rows = []
     for lab in ("benign", "malignant"):

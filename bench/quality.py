@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from common.cli import UserError, csv_list, positive_int, run_main  # noqa: E402
+from common.cli import csv_list, positive_int, run_main
+from common.errors import UserError  # noqa: E402
 from common.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 PRESET = "configs/busbra_evidence.yaml"
@@ -271,7 +272,7 @@ def class_counts(labels, n: int) -> dict[str, int]:
 
 def checkpoint_for(s: Setup, recipe: str, minutes: float, ema: str) -> Path:
     """The snapshot, or (another EMA length) a copy of it whose EMA weights are that length's."""
-    from training.checkpoint import load_checkpoint, save_checkpoint
+    from common.checkpoint import load_checkpoint, save_checkpoint
     snap = s.snapshot(recipe, minutes)
     if ema == EMA_VARIANTS[0]:
         return snap
@@ -292,11 +293,11 @@ def evaluate_one(s: Setup, recipe: str, minutes: float, ema: str) -> dict[str, A
     import torch
 
     from data.pairs import open_pair_dataset
-    from data.synthetic import GenerationRequest, generate
+    from sampling.generation import GenerationRequest, generate
     from metrics.generation import evaluate_generation
     from metrics.morphology import evaluate_morphology
     from metrics.similarity import nearest_ssim
-    from training.checkpoint import load_checkpoint
+    from common.checkpoint import load_checkpoint
 
     out = s.eval_dir(recipe, minutes, ema)
     if (out / "metrics.json").is_file():
@@ -364,7 +365,7 @@ def labelled_grid(path: Path, images, masks, labels, title: str, per_class: int 
     import numpy as np
     import torch
 
-    from training.visual import overlay_cells
+    from common.visual import overlay_cells
     classes = sorted(set(labels))
     fig, axes = plt.subplots(len(classes), 1, figsize=(1.2 * per_class * 2, 1.35 * len(classes) + 0.4),
                              squeeze=False)

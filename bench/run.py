@@ -39,9 +39,10 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from common.cli import UserError, run_main  # noqa: E402
+from common.cli import run_main
+from common.errors import UserError  # noqa: E402
 from common.io import atomic_write_json  # noqa: E402
-from training.precision import resolve_device  # noqa: E402
+from common.precision import resolve_device  # noqa: E402
 
 SECTIONS = ("matmul", "train", "quality", "sampling", "memory", "data", "prepare")
 # the benchmarked MedSegDiffV2 is the demo preset's network and recipe; the peer takes the same preset with
@@ -130,7 +131,7 @@ def make_trainer(tmp: Path, data_dir: Path, img_size: int, batch: int, device: t
     """The demo preset's DiffusionTrainer (``extra``: more train_medsegdiff.py flags, e.g. :func:`peer_flags`)."""
     from common.cli import resolved_config
     from training.diffusion_trainer import DiffusionTrainer
-    from training.distributed import DistInfo
+    from common.distributed import DistInfo
     args = preset_args(DEMO_PRESET, "--data_dir", str(data_dir), "--output_dir", str(tmp), "--img_size",
                        str(img_size), "--batch_size", str(batch), "--device", str(device), *extra)
     args.command = "bench"

@@ -19,11 +19,7 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-EXIT_USER_ERROR = 2
-
-
-class UserError(Exception):
-    """A problem with what the user asked for or gave us; printed as one line, exit status 2."""
+from common.errors import EXIT_USER_ERROR, UserError
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

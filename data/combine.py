@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from common.cli import UserError
+from common.errors import UserError
 from common.io import sha256_file
 from data.pairs import LABELS, TUMOUR_LABELS, PairDataset, PairDatasetWriter, open_pair_dataset
 

@@ -27,7 +27,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from common.cli import UserError
+from common.errors import UserError
 from common.io import atomic_write_json, atomic_write_text, read_png_gray, write_png
 
 FORMAT_VERSION = 1

@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from common.cli import UserError
+from common.errors import UserError
 from common.io import pixel_hash
 from data.pairs import LABELS, TUMOUR_LABELS
 

@@ -16,7 +16,7 @@ from typing import Hashable, Sequence
 
 import numpy as np
 
-from common.cli import UserError
+from common.errors import UserError
 from data.pairs import LABELS, SPLITS
 
 

@@ -38,7 +38,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from common.cli import UserError
+from common.errors import UserError
 from common.io import atomic_write_bytes, sha256_file
 
 FEATURE = "2048"

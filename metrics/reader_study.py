@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import stats
 
-from common.cli import UserError
+from common.errors import UserError
 from common.io import atomic_write_json, atomic_write_text, encode_png, sha256_file
 
 PAGE_NAME, KEY_NAME = "reader_study.html", "reader_study_key.json"

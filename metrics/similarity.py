@@ -212,34 +212,6 @@ def dice(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(tot == 0, 1.0, 2.0 * inter / np.maximum(tot, 1))
 
 
-SEGMENTER_BUILDER: Callable | None = None  # tests put a stand-in here; None = models.segmenters.build_segmenter
-
-
-def load_segmenter(run_dir, builder: Callable | None = None):
-    """The segmenter of a run directory (``best_model.pth``), in eval mode, and its training image size.
-
-    Contract (train_segmentation.py): ``load_checkpoint(path, expect_kind="segmenter")`` -> ``model_name``,
-    ``model_kwargs``, ``model`` (state dict), ``config`` (with ``img_size``); forward on [B,1,S,S] floats in [0,1]
-    returns a dict with ``mask_logits`` [B,1,S,S].
-    """
-    from pathlib import Path
-    from common.cli import UserError
-    from training.checkpoint import load_checkpoint
-    path = Path(run_dir) / "best_model.pth"
-    if not Path(run_dir).is_dir():
-        raise UserError(f"{run_dir}: segmentation run folder not found")
-    ckpt = load_checkpoint(path, expect_kind="segmenter")
-    builder = builder or SEGMENTER_BUILDER
-    if builder is None:
-        from models.segmenters import build_segmenter as builder
-    try:
-        model = builder(ckpt["model_name"], **ckpt.get("model_kwargs", {}))
-        model.load_state_dict(ckpt["model"])
-    except (KeyError, RuntimeError, TypeError, ValueError) as exc:
-        raise UserError(f"{path}: cannot rebuild the segmenter ({str(exc).splitlines()[0][:160]})") from None
-    return model.eval(), int(ckpt.get("config", {}).get("img_size", 0) or 0)
-
-
 @torch.no_grad()
 def predict_masks(model, images: np.ndarray, model_size: int = 0, batch: int = 32, device: str = "cpu"
                   ) -> np.ndarray:
@@ -289,7 +261,7 @@ def read_per_image(run_dir) -> dict[str, dict[str, Any]]:
     """``per_image_test.csv`` of a segmentation run: {id: {label, dice, iou, hd95, correct}}."""
     import csv
     from pathlib import Path
-    from common.cli import UserError
+    from common.errors import UserError
     path = Path(run_dir) / "per_image_test.csv"
     if not path.is_file():
         raise UserError(f"{path}: not found (is {run_dir} a finished train_segmentation.py run?)")
@@ -325,10 +297,7 @@ def compare_runs(baseline_dirs: Sequence, combined_dirs: Sequence, n_boot: int =
     fixed at the test set's class counts); the two recalls as the mean of ``correct`` over one class's images, so
     a change of operating point (one up, the other down) shows apart from a change of discrimination.
     """
-    try:
-        from metrics.segmentation import paired_bootstrap_ci
-    except ImportError:
-        return {"skipped": "metrics.segmentation.paired_bootstrap_ci is not available in this checkout"}
+    from metrics.segmentation import paired_bootstrap_ci
     base, comb = pool_runs(baseline_dirs), pool_runs(combined_dirs)
     ids = sorted(set(base) & set(comb))
     if not ids:

@@ -25,7 +25,7 @@ def make_tiny_checkpoint(root: Path) -> str:
 
     import train_medsegdiff
     from data.pairs import PairDatasetWriter
-    from training.checkpoint import load_checkpoint, save_checkpoint
+    from common.checkpoint import load_checkpoint, save_checkpoint
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:16, :16]
     with PairDatasetWriter(root / "pairs", 16) as w:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import create_combined_dataset
-from common.cli import UserError
+from common.errors import UserError
 from common.io import sha256_file
 from data.combine import balance_counts, plan_combination
 from data.pairs import PairDatasetWriter, open_pair_dataset

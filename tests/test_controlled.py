@@ -13,8 +13,8 @@ import torch
 
 import generate_synthetic
 import segment_with_diffusion
-from common.cli import UserError
-from data.conditioned import MaskConditionedSampler, MaskTransform, load_condition_masks
+from common.errors import UserError
+from sampling.conditioned import MaskConditionedSampler, MaskTransform, load_condition_masks
 from data.pairs import PairDatasetWriter, open_pair_dataset
 
 from conftest import make_tiny_checkpoint
@@ -99,7 +99,7 @@ def test_condition_masks_from_train_split_only(pairs16, tmp_path):
 # ============================================================================ known-channel sampling
 def test_known_channel_is_reproduced_exactly(ckpt):
     from models.diffusion import images_to_model_space, model_space_to_images
-    from training.diffusion_trainer import load_diffusion_checkpoint
+    from models.loading import load_diffusion_checkpoint
     model, diffusion, _ = load_diffusion_checkpoint(ckpt)
     masks = torch.from_numpy(np.stack([ellipse(16, 8, 8, 3, 5), ellipse(16, 4, 10, 2, 2)]))[:, None]
     images = torch.randint(0, 256, (2, 1, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))

@@ -15,10 +15,11 @@ import torch
 from torch import nn
 
 import evaluate
-from common.cli import UserError
+from models import loading
+from common.errors import UserError
 from data.pairs import open_pair_dataset
 from metrics import similarity
-from training.checkpoint import save_checkpoint
+from common.checkpoint import save_checkpoint
 from test_generation_metrics import draw_pairs, shared_data, write_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,14 +79,14 @@ def run_outputs(tmp_path_factory):
     for c in comb:
         argv += ["--combined_run", str(c)]
     # the stand-in segmenter goes in through the module hook, so run main() in this process
-    old = similarity.SEGMENTER_BUILDER
-    similarity.SEGMENTER_BUILDER = _standin_builder
+    old = loading.SEGMENTER_BUILDER
+    loading.SEGMENTER_BUILDER = _standin_builder
     printed = io.StringIO()
     try:
         with contextlib.redirect_stdout(printed):
             evaluate.main(argv[2:])
     finally:
-        similarity.SEGMENTER_BUILDER = old
+        loading.SEGMENTER_BUILDER = old
     (tmp / "printed.txt").write_text(printed.getvalue())
     return out, paths
 

@@ -13,7 +13,7 @@ FIXTURE = ROOT / "tests" / "fixtures" / "busbra"
 sys.path.insert(0, str(ROOT / "bench"))
 import evidence  # noqa: E402
 from metrics.similarity import compare_runs  # noqa: E402
-from training.seg_eval import auc as seg_auc  # noqa: E402
+from metrics.seg_eval import auc as seg_auc  # noqa: E402
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""generate_synthetic.py / data/synthetic.py: a valid pair dataset with provenance, byte-identical output for
+"""generate_synthetic.py / sampling/generation.py: a valid pair dataset with provenance, byte-identical output for
 any batch size, resume after an interruption, rejection and replacement, sharding across processes,
 --balance_to arithmetic, and one clear error per bad input."""
 import json
@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import generate_synthetic
-from common.cli import UserError
+from common.errors import UserError
 from common.io import sha256_file
-from data import synthetic
+from sampling import generation as synthetic
 from data.pairs import open_pair_dataset, write_index
 
 from conftest import make_tiny_checkpoint
@@ -81,7 +81,7 @@ def test_batch_size_does_not_change_a_byte(ckpt, reference, tmp_path):
 def test_sampler_arithmetic_is_batch_invariant(ckpt):
     """Stronger than comparing PNGs: the float samples are bit-identical for batch 1 and batch 9 (18 rows with
     guidance: two fixed-size denoiser chunks, the second padded)."""
-    from training.diffusion_trainer import load_diffusion_checkpoint
+    from models.loading import load_diffusion_checkpoint
     model, diffusion, meta = load_diffusion_checkpoint(ckpt)
     js = synthetic.JointSampler(model, diffusion, meta, torch.device("cpu"), "fp32", "dpmsolver++", 2, 2.0)
 

@@ -186,7 +186,7 @@ def test_auto_falls_back_to_offline_without_network(capsys):
 
 
 def test_missing_weights_file_is_a_user_error(tmp_path):
-    from common.cli import UserError
+    from common.errors import UserError
     with pytest.raises(UserError, match="not found"):
         G.resolve_inception_weights(str(tmp_path / "nope.pth"))
     (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 from skimage.measure import label as cc_label, regionprops
 
-from common.cli import UserError
-from data.phantom import (BUSI_ROOT, CLASSES, HEIGHT_RANGE, WIDTH_RANGE, _plan, _render_and_write, case_rng,
+from common.errors import UserError
+from phantom.simulator import (BUSI_ROOT, CLASSES, HEIGHT_RANGE, WIDTH_RANGE, _plan, _render_and_write, case_rng,
                           class_counts, generate_phantom, render_case, render_full)
 
 N, SEED = 60, 3

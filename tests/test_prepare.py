@@ -14,14 +14,14 @@ import pytest
 from PIL import Image
 
 import prepare_busi_dataset as prep
-from common.cli import UserError, run_main
+from common.cli import run_main
+from common.errors import UserError
 from data.pairs import PairDatasetWriter, open_pair_dataset
 from data.splits import assign_splits, fold_splits, resolve_duplicates, split_table
 from fixtures.make_raw import ellipse, write_busi, write_udiat, write_udiat_sheet
 
 ROOT = Path(__file__).resolve().parents[1]
 BUSBRA = Path(__file__).parent / "fixtures" / "busbra"
-HAVE_PHANTOM = (ROOT / "data" / "phantom.py").is_file()
 
 
 def run(argv, capsys):
@@ -365,7 +365,6 @@ def test_script_subprocess(busi, tmp_path):
     assert res.returncode == 2 and res.stderr.startswith("error: ") and "Traceback" not in res.stderr
 
 
-@pytest.mark.skipif(not HAVE_PHANTOM, reason="data/phantom.py (the phantom generator) has not landed yet")
 def test_phantom_200_at_64(tmp_path):
     out = tmp_path / "phantom64"
     res = _script("--phantom", 200, "--img_size", 64, "--output_dir", out)

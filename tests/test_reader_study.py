@@ -18,7 +18,7 @@ import pytest
 from scipy import stats
 
 import evaluate
-from common.cli import UserError
+from common.errors import UserError
 from data.pairs import PairDatasetWriter
 from metrics import reader_study as RS
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.cli import UserError
+from common.errors import UserError
 from common.io import pixel_hash
 from data.readers import (SPECK_MAX_PIXELS, decode_cases, detect_format, load_case, pad_to_square,
                           remove_specks, resize_pair, scan_dataset, to_binary, to_gray)
@@ -14,7 +14,6 @@ from fixtures.make_raw import ellipse, texture, write_busi, write_udiat, write_u
 
 FIXTURES = Path(__file__).parent / "fixtures"
 BUSBRA = FIXTURES / "busbra"
-HAVE_PHANTOM = (Path(__file__).resolve().parents[1] / "data" / "phantom.py").is_file()
 
 
 @pytest.fixture(scope="module")
@@ -141,9 +140,8 @@ def test_busi_unexpected_files_are_reported(tmp_path):
     assert sorted(Path(u).name for u in s.unexpected) == ["README.txt", "benign (1).jpg"]
 
 
-@pytest.mark.skipif(not HAVE_PHANTOM, reason="data/phantom.py (the phantom generator) has not landed yet")
 def test_phantom_output_has_busi_quirks(tmp_path):
-    from data.phantom import generate_phantom
+    from phantom.simulator import generate_phantom
 
     generate_phantom(tmp_path / "raw", 50, seed=3, workers=2)
     s = scan_dataset(tmp_path / "raw")

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import train_medsegdiff
-from common.cli import UserError
+from common.errors import UserError
 from data.pairs import PairDatasetWriter
-from training.checkpoint import load_checkpoint
-from training.diffusion_trainer import load_diffusion_checkpoint
+from common.checkpoint import load_checkpoint
+from models.loading import load_diffusion_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_MODEL = ["--img_size", "16", "--model_channels", "16", "--channel_mult", "1,2", "--num_res_blocks", "1",
@@ -120,7 +120,7 @@ def test_nan_loss_stops_with_hint(data16, tmp_path):
 
 
 def test_incompatible_checkpoint(tmp_path):
-    from training.checkpoint import save_checkpoint
+    from common.checkpoint import save_checkpoint
     bad = tmp_path / "bad.pth"
     save_checkpoint(bad, {"kind": "diffusion", "model_class": "MedSegDiffV2", "model_kwargs": {"img_size": 16,
                           "model_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1,

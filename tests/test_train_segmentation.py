@@ -1,4 +1,4 @@
-"""train_segmentation.py (+ training/seg_trainer.py, training/seg_eval.py) on a small phantom, CPU, one thread.
+"""train_segmentation.py (+ training/seg_trainer.py, metrics/seg_eval.py) on a small phantom, CPU, one thread.
 
 Covers: U-Net and MADGNet runs with every metrics.json field, Dice above chance, the best_model.pth contract,
 --test_data, --include_normal, bit-exact resume, --seeds, the leakage guard and bad input."""
@@ -12,12 +12,12 @@ import torch
 
 import prepare_busi_dataset
 import train_segmentation
-from common.cli import UserError
+from common.errors import UserError
 from data.combine import combine
 from data.pairs import PairDatasetWriter, open_pair_dataset
 from metrics.segmentation import dice_iou
-from training.checkpoint import load_checkpoint
-from training.seg_eval import CSV_COLUMNS, evaluate_predictions
+from common.checkpoint import load_checkpoint
+from metrics.seg_eval import CSV_COLUMNS, evaluate_predictions
 
 TINY_UNET = ["--model", "unet", "--base_width", "8", "--depth", "3", "--norm", "group", "--lr", "3e-3",
              "--batch_size", "8", "--warmup_steps", "10", "--device", "cpu", "--precision", "fp32"]

@@ -16,16 +16,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from common.cli import UserError
+from common.errors import UserError
 from data.pairs import LABEL_INDEX, LABELS, open_pair_dataset
 from models.denoisers import build_denoiser
 from models.diffusion import DiffusionConfig, JointDiffusion, model_space_to_images
-from training.checkpoint import load_checkpoint, load_resumable, rng_state, save_checkpoint, set_rng_state
-from training.distributed import DistInfo, all_reduce_mean, barrier, broadcast_flag
+from common.checkpoint import load_checkpoint, load_resumable, rng_state, save_checkpoint, set_rng_state
+from common.distributed import DistInfo, all_reduce_mean, barrier, broadcast_flag
 from training.ema import EMA
-from training.precision import autocast, grad_scaler, memory_stats
-from training.run import RunDir
-from training.visual import save_grid
+from common.precision import autocast, grad_scaler, memory_stats
+from common.rundir import RunDir
+from common.visual import save_grid
 
 # flags that may change between a run and its resumption (run length, logging, hardware)
 RESUMABLE_KEYS = {"num_epochs", "max_steps", "stop_after_steps", "time_limit_minutes", "budget_minutes",
@@ -480,18 +480,3 @@ class DiffusionTrainer:
             "new best" if improved else f"best {self.best_val:.5f}")
         self.run.log(f"validation (EMA, fixed noise) at step {self.step}: {val:.5f} ({note})")
         barrier(self.dist)
-
-
-def load_diffusion_checkpoint(path: str | Path, device: torch.device | str = "cpu"
-                              ) -> tuple[nn.Module, JointDiffusion, dict[str, Any]]:
-    """Rebuild the EMA denoiser and its diffusion process from a checkpoint (best_model.pth or last.pth)."""
-    ckpt = load_checkpoint(path, expect_kind="diffusion")
-    try:
-        model = build_denoiser(ckpt["model_class"], ckpt["model_kwargs"])
-        model.load_state_dict(ckpt["ema"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        raise UserError(f"{path}: checkpoint does not match any model this code can build "
-                        f"({str(exc).splitlines()[0][:200]})") from None
-    model.to(device).eval()
-    diffusion = JointDiffusion(DiffusionConfig(**ckpt["diffusion"]))
-    return model, diffusion, ckpt

@@ -23,15 +23,15 @@ from typing import Any
 
 import torch
 
-from common.cli import UserError
+from common.errors import UserError
 from common.io import sha256_file
 from data.pairs import LABELS, TUMOUR_LABELS, PairDataset, open_pair_dataset, read_metadata
 from models.segmenters import build_segmenter, count_parameters, segmentation_loss, segmenter_spec
 from training.augment import augment
-from training.checkpoint import load_checkpoint, load_resumable, rng_state, save_checkpoint, set_rng_state
-from training.precision import autocast, grad_scaler, memory_stats
-from training.run import RunDir
-from training.seg_eval import RULES, THRESHOLD, evaluate_predictions, mean_lesion_dice, predict, write_per_image_csv
+from common.checkpoint import load_checkpoint, load_resumable, rng_state, save_checkpoint, set_rng_state
+from common.precision import autocast, grad_scaler, memory_stats
+from common.rundir import RunDir
+from metrics.seg_eval import RULES, THRESHOLD, evaluate_predictions, mean_lesion_dice, predict, write_per_image_csv
 
 # flags that may change between a run and its resumption (run length, hardware, evaluation, paths)
 RESUMABLE_KEYS = {"epochs", "stop_after_epochs", "time_limit_minutes", "device", "config", "resume", "data_dir",
@@ -447,7 +447,7 @@ class SegTrainer:
 
     def _save_prediction_grid(self, n: int = 8) -> Path:
         """samples/test_predictions.png: n test images with the ground-truth outline (top) and the prediction's."""
-        from training.visual import save_grid
+        from common.visual import save_grid
         idx = torch.linspace(0, len(self.test) - 1, min(n, len(self.test))).round().long().unique()
         images = self.test.images[idx]
         prob, _ = predict(self.model, images, self.args.eval_batch_size, self.device, self.precision)

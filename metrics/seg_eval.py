@@ -29,7 +29,7 @@ import torch
 from common.io import atomic_write_text
 from data.pairs import TUMOUR_LABELS
 from metrics.segmentation import balanced_accuracy, confusion_matrix, segmentation_records, summarize
-from training.precision import autocast
+from common.precision import autocast
 
 __all__ = ["CSV_COLUMNS", "RULES", "THRESHOLD", "predict", "evaluate_predictions", "write_per_image_csv",
            "mean_lesion_dice", "auc"]

@@ -35,8 +35,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from common.cli import UserError
+from common.errors import UserError
 from common.io import atomic_write_json, read_png_gray, sha256_file, write_png
+from data.masks import clean_mask
 from data.pairs import LABELS, TUMOUR_LABELS, open_pair_dataset, write_index
 
 # The default sampler and guidance, to be chosen on a trained checkpoint (one place to change them).
@@ -69,18 +70,6 @@ def pair_id(label: str, candidate: int) -> str:
 def parse_pair_id(stem: str) -> tuple[str, int] | None:
     m = _ID_RE.match(stem)
     return (m.group(1), int(m.group(2))) if m else None
-
-
-def clean_mask(mask: np.ndarray, min_area: int) -> tuple[np.ndarray, int]:
-    """Bool mask [H,W] -> (uint8 mask in {0,255} without components smaller than ``min_area``, area)."""
-    import cv2
-    m = np.ascontiguousarray(mask, dtype=np.uint8)
-    if min_area > 1 and m.any():
-        n, labels, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
-        keep = np.zeros(n, np.uint8)
-        keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_area
-        m = keep[labels]
-    return m * np.uint8(255), int(np.count_nonzero(m))
 
 
 def accept(label: str, area: int) -> tuple[bool, str]:
@@ -224,7 +213,7 @@ class GenerationRequest:
     precision: str = "auto"
     command: str = ""
     extra: dict[str, Any] = field(default_factory=dict)   # e.g. balance_to / total, recorded only
-    condition_masks: str | None = None                     # mask-conditioned mode (data/conditioned.py)
+    condition_masks: str | None = None                     # mask-conditioned mode (sampling/conditioned.py)
     mask_transform: str | None = None
     condition_labels: str = "same"
 
@@ -332,7 +321,7 @@ class JointSampler:
         import torch
 
         from models.diffusion import model_space_to_images
-        from training.precision import autocast
+        from common.precision import autocast
         labels = torch.tensor(list(class_indices), dtype=torch.long, device=self.device)
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
         with batch_invariant_kernels(self.device):
@@ -396,9 +385,9 @@ def batch_invariant_kernels(device):
 # ---------------------------------------------------------------------------- the generation loop
 def generate(req: GenerationRequest, after_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Generate (or resume, or extend) the synthetic pair dataset described by ``req``; returns a summary."""
-    from training.diffusion_trainer import load_diffusion_checkpoint
-    from training.distributed import cleanup, init_distributed
-    from training.precision import resolve_device, resolve_precision
+    from models.loading import load_diffusion_checkpoint
+    from common.distributed import cleanup, init_distributed
+    from common.precision import resolve_device, resolve_precision
     from models.diffusion import DEFAULT_STEPS
 
     t0 = time.time()
@@ -418,7 +407,7 @@ def generate(req: GenerationRequest, after_batch: Callable[[int], None] | None =
         steps = req.steps or DEFAULT_STEPS[req.sampler]
         condition = transform = None
         if req.condition_masks is not None:
-            from data.conditioned import MaskTransform, load_condition_masks
+            from sampling.conditioned import MaskTransform, load_condition_masks
             transform = MaskTransform.parse(req.mask_transform)
             condition = load_condition_masks(req.condition_masks, int(ckpt["img_size"]), req.classes,
                                              req.condition_labels)
@@ -439,7 +428,7 @@ def generate(req: GenerationRequest, after_batch: Callable[[int], None] | None =
         sampler = JointSampler(model, diffusion, ckpt, device, precision, req.sampler, steps, req.guidance_scale)
         describe = None
         if condition is not None:
-            from data.conditioned import MaskConditionedSampler
+            from sampling.conditioned import MaskConditionedSampler
             sampler = MaskConditionedSampler(sampler, trained, condition, transform, req.min_lesion_area)
             describe = lambda c, j, seed: sampler.condition_mask(c, j, seed)[1]  # noqa: E731
         state = _Loop(req, out, sampler, trained, dist, statuses)
@@ -635,7 +624,7 @@ def _write_preview(out: Path, previews: dict[str, list[str]], size: int) -> None
     """preview.png: one row per class that has pairs, its first pairs (image | image with the mask's outline)."""
     import torch
 
-    from training.visual import save_grid
+    from common.visual import save_grid
     previews = {c: ids for c, ids in previews.items() if ids}
     cols = max((len(v) for v in previews.values()), default=0)
     if cols == 0:
@@ -673,7 +662,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------------------- collectives (no-ops alone)
 def _barrier(dist) -> None:
-    from training.distributed import barrier
+    from common.distributed import barrier
     barrier(dist)
 
 

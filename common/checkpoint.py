@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from common.cli import UserError
+from common.errors import UserError
 
 FORMAT = "busdiff-checkpoint-v1"
 

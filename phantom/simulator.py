@@ -57,7 +57,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from common.cli import UserError
+from common.errors import UserError
 from common.io import atomic_write_json
 
 BUSI_ROOT = "Dataset_BUSI_with_GT"

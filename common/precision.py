@@ -5,7 +5,7 @@ import contextlib
 
 import torch
 
-from common.cli import UserError
+from common.errors import UserError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 

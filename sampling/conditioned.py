@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from common.cli import UserError
+from common.errors import UserError
 from data.pairs import LABELS, is_pair_dataset, open_pair_dataset
 
 CONDITION_LABEL_MODES = ("same", "any")
@@ -187,7 +187,7 @@ def load_condition_masks(source: str | Path, img_size: int, classes: Sequence[st
 
 # ---------------------------------------------------------------------------- the sampler
 class MaskConditionedSampler:
-    """``draw(class_indices, seeds, candidates)`` like :class:`data.synthetic.JointSampler`, with the mask channel
+    """``draw(class_indices, seeds, candidates)`` like :class:`sampling.generation.JointSampler`, with the mask channel
     given: candidate j of a class uses that class's condition mask j mod M, transformed with the sample's seed."""
 
     def __init__(self, joint, class_names: Sequence[str], condition: ConditionMasks, transform: MaskTransform,
@@ -196,7 +196,7 @@ class MaskConditionedSampler:
         self.condition, self.transform, self.min_lesion_area = condition, transform, min_lesion_area
 
     def condition_mask(self, label: str, candidate: int, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
-        from data.synthetic import clean_mask
+        from data.masks import clean_mask
         k = candidate % len(self.condition.ids[label])
         mask, params = self.transform.apply(self.condition.masks[label][k], np.random.default_rng(int(seed)))
         cleaned, _ = clean_mask(mask, self.min_lesion_area)
