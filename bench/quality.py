@@ -41,7 +41,7 @@ if str(ROOT) not in sys.path:
 
 from common.cli import csv_list, positive_int, run_main
 from common.errors import UserError  # noqa: E402
-from common.io import atomic_write_json, atomic_write_text  # noqa: E402
+from common.io import atomic_write_json  # noqa: E402
 
 PRESET = "configs/busbra_evidence.yaml"
 QUALITY_JSON = ROOT / "bench" / "quality.json"
@@ -121,7 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="the whole path on a small phantom in about a minute: checks that it runs, measures nothing")
     p.add_argument("--list", action="store_true", help="print the recipes and exit")
-    p.add_argument("--eval_one", nargs=3, metavar=("RECIPE", "MINUTES", "EMA"), help=argparse.SUPPRESS)
+    p.add_argument("--samplers", type=csv_list, default=["dpmsolver++:20:1.5", "ddim:50:1.5", "ddpm:1000:1.5",
+                                                             "dpmsolver++:20:1.0", "dpmsolver++:50:1.5"],
+                   help="samplers phase: SAMPLER:STEPS:GUIDANCE variants, each drawing the same --n_samples from the "
+                        "snapshot of --recipes at --budgets (first recipe, largest budget)")
+    p.add_argument("--eval_one", nargs="+", metavar="ARG", help=argparse.SUPPRESS)
     return p
 
 
@@ -140,8 +144,10 @@ class Setup:
     def snapshot(self, recipe: str, minutes: float) -> Path:
         return self.run_dir(recipe) / "snapshots" / f"min{minutes:g}.pth"
 
-    def eval_dir(self, recipe: str, minutes: float, ema: str) -> Path:
-        return self.work / "eval" / recipe / f"min{minutes:g}_ema{ema}"
+    def eval_dir(self, recipe: str, minutes: float, ema: str, sampler: str = "") -> Path:
+        """Where one evaluation lives; ``sampler`` ("SAMPLER:STEPS:GUIDANCE") only for a non-default sampler."""
+        tail = "" if not sampler else "_" + sampler.replace(":", "-")
+        return self.work / "eval" / recipe / f"min{minutes:g}_ema{ema}{tail}"
 
     def recipe_flags(self, recipe: str) -> list[str]:
         if self.quick:
@@ -287,7 +293,15 @@ def checkpoint_for(s: Setup, recipe: str, minutes: float, ema: str) -> Path:
     return out
 
 
-def evaluate_one(s: Setup, recipe: str, minutes: float, ema: str) -> dict[str, Any]:
+def parse_sampler(spec: str) -> tuple[str, int, float]:
+    try:
+        name, steps, guidance = spec.split(":")
+        return name, int(steps), float(guidance)
+    except ValueError:
+        raise UserError(f"--samplers: {spec!r} is not SAMPLER:STEPS:GUIDANCE (e.g. dpmsolver++:20:1.5)") from None
+
+
+def evaluate_one(s: Setup, recipe: str, minutes: float, ema: str, sampler: str = "") -> dict[str, Any]:
     """Draw, measure and write <eval_dir>/metrics.json + grid.png for one snapshot (see the module docstring)."""
     import numpy as np
     import torch
@@ -299,7 +313,7 @@ def evaluate_one(s: Setup, recipe: str, minutes: float, ema: str) -> dict[str, A
     from metrics.similarity import nearest_ssim
     from common.checkpoint import load_checkpoint
 
-    out = s.eval_dir(recipe, minutes, ema)
+    out = s.eval_dir(recipe, minutes, ema, sampler)
     if (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text())
     torch.set_num_threads(s.threads)
@@ -308,10 +322,13 @@ def evaluate_one(s: Setup, recipe: str, minutes: float, ema: str) -> dict[str, A
     counts = class_counts(train_lab, s.n_samples)
     ckpt_path = checkpoint_for(s, recipe, minutes, ema)
     ckpt = load_checkpoint(ckpt_path, expect_kind="diffusion")
+    from sampling.generation import DEFAULT_GUIDANCE, DEFAULT_SAMPLER
+    name, steps, guidance = parse_sampler(sampler) if sampler else (DEFAULT_SAMPLER, 0, DEFAULT_GUIDANCE)
     t0 = time.time()
     summary = generate(GenerationRequest(
         checkpoint_path=str(ckpt_path), output_dir=str(out / "samples"), classes=sorted(counts), counts=counts,
-        steps=4 if s.quick else 0, batch_size=16, device="cpu", command=f"bench/quality.py {recipe} {minutes} {ema}"))
+        sampler=name, steps=4 if s.quick else steps, guidance_scale=guidance, batch_size=16, device="cpu",
+        command=f"bench/quality.py {recipe} {minutes} {ema} {sampler}"))
     sampling_s = time.time() - t0
     syn = open_pair_dataset(out / "samples")
     syn_images, syn_masks = syn.load()
@@ -349,39 +366,32 @@ def evaluate_one(s: Setup, recipe: str, minutes: float, ema: str) -> dict[str, A
         "morphology_per_class": {lab: {"synthetic": v["synthetic"]["mean"], "floor": v["floor"]["mean"]}
                                  for lab, v in w1.items()},
         "nearest_train_ssim": float(near.mean()), "nearest_train_ssim_floor": float(near_held.mean()),
-        "sampling_seconds": sampling_s,
+        "sampling_seconds": sampling_s, "loop_seconds": summary.get("sampling_seconds"),
+        "s_per_sample": (summary.get("sampling_seconds") or sampling_s) / max(1, sum(summary.get("drawn_this_run", {}
+                                                                                            ).values()) or 1),
+        "sampler": {"name": name, "steps": summary.get("steps"), "guidance": guidance},
     }
+    from common.visual import labelled_grid
     labelled_grid(out / "grid.png", syn_images, syn_masks, syn_labels,
-                  f"{recipe} - {minutes:g} min ({res['steps']} steps), EMA {ema} - KID {res['kid']:.4f}")
+                  f"{recipe} - {minutes:g} min ({res['steps']} steps), EMA {ema}, {name} {summary.get('steps')} "
+                  f"steps, guidance {guidance:g} - KID {res['kid']:.4f}")
     atomic_write_json(out / "metrics.json", res)
     return res
 
 
-def labelled_grid(path: Path, images, masks, labels, title: str, per_class: int = 8) -> None:
-    """A PNG grid: one row per class (named at the left), each pair as image + image with the mask outline."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-    import torch
-
-    from common.visual import overlay_cells
-    classes = sorted(set(labels))
-    fig, axes = plt.subplots(len(classes), 1, figsize=(1.2 * per_class * 2, 1.35 * len(classes) + 0.4),
-                             squeeze=False)
-    for ax, lab in zip(axes[:, 0], classes):
-        idx = np.flatnonzero(labels == lab)[:per_class]
-        cells = overlay_cells(torch.from_numpy(images[idx])[:, None], torch.from_numpy(masks[idx])[:, None] > 0)
-        row = torch.cat([c for c in cells], dim=2).permute(1, 2, 0).numpy()
-        ax.imshow(row, interpolation="nearest")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_ylabel(lab, fontsize=10)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def compare_samplers(args, s: Setup, recipe: str, minutes: float, specs: Sequence[str]) -> None:
+    """The same snapshot drawn with each sampler variant at the same N (so their KIDs compare)."""
+    real_reference(s)
+    tasks = []
+    for spec in specs:
+        if (s.eval_dir(recipe, minutes, EMA_VARIANTS[0], spec) / "metrics.json").is_file():
+            continue
+        argv = [sys.executable, "bench/quality.py", "--eval_one", recipe, f"{minutes:g}", EMA_VARIANTS[0], spec,
+                "--work_dir", str(s.work), "--data_dir", str(args.data_dir), "--n_samples", str(args.n_samples),
+                "--threads_per_job", str(s.threads)] + (["--quick"] if s.quick else [])
+        tasks.append((f"sampler {spec} on {recipe} {minutes:g} min", argv,
+                      s.work / "logs" / f"sampler_{recipe}_min{minutes:g}_{spec.replace(':', '-')}.log"))
+    run_tasks(tasks, args.jobs, s.threads)
 
 
 def evaluate(args, s: Setup, recipes: Sequence[str], budgets: Sequence[float]) -> None:
@@ -402,34 +412,13 @@ def evaluate(args, s: Setup, recipes: Sequence[str], budgets: Sequence[float]) -
 
 
 # ---------------------------------------------------------------------------------------------- report
-def step_flops(recipe_flags: Sequence[str], img_size: int, batch: int) -> int:
-    """FLOPs of one training step (forward + backward, self-conditioning's extra forward counted at its rate 1/2),
-    counted by torch.utils.flop_counter on meta tensors."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    import train_medsegdiff
-    from common.cli import parse_config
-    from models.denoisers import build_denoiser
-    from training.diffusion_trainer import diffusion_config_from_args, model_kwargs_from_args
-    from models.diffusion import JointDiffusion
-    args = parse_config(train_medsegdiff.build_parser(), ["--config", str(ROOT / PRESET), *recipe_flags])
-    args.img_size, args.batch_size = img_size, batch
-    with torch.device("meta"):
-        model = build_denoiser(args.arch, model_kwargs_from_args(args))
-    diffusion = JointDiffusion(diffusion_config_from_args(args))
-    x0 = torch.zeros(batch, 2, img_size, img_size, device="meta")
-    y = torch.zeros(batch, dtype=torch.long, device="meta")
-    t = (torch.full((batch,), 0.5, device="meta") if diffusion.edm else
-         torch.full((batch,), 500, dtype=torch.long, device="meta"))
-    diffusion._alphas = diffusion._alphas.to("meta")
-    total = 0.0
-    for sc, weight in ((False, 0.5), (True, 0.5)) if diffusion.config.self_condition else ((False, 1.0),):
-        with FlopCounterMode(display=False) as counter:
-            loss, _ = diffusion.loss(model, x0, y, timesteps=t, noise=torch.zeros_like(x0), self_cond=sc)
-            loss.backward()
-        total += weight * counter.get_total_flops()
-    return int(total)
+def recipe_step_flops(s: Setup, recipe: str) -> int:
+    """FLOPs of one training step of a recipe at the benchmark's image size (training.plan.step_flops)."""
+    from training.config import DiffusionTrainConfig, config_from_flags
+    from training.plan import step_flops
+    cfg = config_from_flags(DiffusionTrainConfig, ["--config", str(ROOT / PRESET), *s.recipe_flags(recipe),
+                                                   "--img_size", "32" if s.quick else "64"])
+    return step_flops(cfg)
 
 
 def collect(s: Setup, recipes: Sequence[str]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -438,6 +427,8 @@ def collect(s: Setup, recipes: Sequence[str]) -> dict[str, dict[str, dict[str, A
     for r in recipes:
         for m in sorted((root / r).glob("min*_ema*/metrics.json")) if (root / r).is_dir() else []:
             rec = json.loads(m.read_text())
+            if m.parent.name.count("_") > 1:   # a sampler variant: reported in the samplers table
+                continue
             out.setdefault(r, {})[f"{rec['minutes']:g}/{rec['ema']}"] = rec
     return out
 
@@ -461,7 +452,7 @@ def report(args, s: Setup, recipes: Sequence[str]) -> dict[str, Any]:
     if not results:
         raise UserError(f"{s.work / 'eval'}: nothing evaluated yet for {', '.join(recipes)}; run the evaluate phase")
     img_size = 32 if s.quick else 64
-    flops = {r: step_flops(s.recipe_flags(r), img_size, batch_of(s, r)) for r in results}
+    flops = {r: recipe_step_flops(s, r) for r in results}
     primary = EMA_VARIANTS[0]
     table = {}
     for r, recs in results.items():
@@ -521,18 +512,22 @@ def report(args, s: Setup, recipes: Sequence[str]) -> dict[str, Any]:
             scaling["predicted_flops_to_floor"] = None
             scaling["note"] = "KID does not fall with compute over these points: no extrapolation"
         res["scaling"] = scaling
+    samplers = {}
+    for r in recipes:
+        for m in sorted((s.work / "eval" / r).glob("min*_ema*_*/metrics.json")):
+            rec = json.loads(m.read_text())
+            key = f"{rec['sampler']['name']}-{rec['sampler']['steps']} guidance {rec['sampler']['guidance']:g}"
+            samplers.setdefault(f"{r} {rec['minutes']:g} min", {})[key] = {
+                k: rec[k] for k in ("kid", "kid_std", "kid_floor", "fid", "fid_floor", "n", "s_per_sample",
+                                    "morphology_w1")}
+    if samplers:
+        res["samplers"] = samplers
+        res["samplers_note"] = "every sampler draws the same N from the same snapshot, so KID and FID compare"
     atomic_write_json(args.output, res)
     plot(res, Path(args.output).with_name(Path(args.output).stem + "_kid.png"))
     print(markdown_table(res))
     print(f"wrote {args.output}")
     return res
-
-
-def batch_of(s: Setup, recipe: str) -> int:
-    flags = s.recipe_flags(recipe)
-    if "--batch_size" in flags:
-        return int(flags[len(flags) - 1 - flags[::-1].index("--batch_size") + 1])
-    return 8 if s.quick else 16
 
 
 def plot(res: dict[str, Any], path: Path) -> None:
@@ -583,8 +578,8 @@ def main(argv=None) -> int:
         return 0
     s = setup_from(args)
     if args.eval_one:
-        r, m, ema = args.eval_one
-        evaluate_one(s, r, float(m), ema)
+        r, m, ema, *sampler = args.eval_one
+        evaluate_one(s, r, float(m), ema, sampler[0] if sampler else "")
         return 0
     known = QUICK_RECIPES if args.quick else RECIPES
     recipes = list(known) if (args.quick and args.recipes == ["current", "peer"]) or args.recipes == ["all"] \
@@ -601,9 +596,11 @@ def main(argv=None) -> int:
     if not budgets or budgets[0] <= 0:
         raise UserError("--budgets: every budget must be > 0 minutes")
     phases = args.phases
-    bad = [p for p in phases if p not in ("train", "evaluate", "report")]
+    bad = [p for p in phases if p not in ("train", "evaluate", "samplers", "report")]
     if bad:
-        raise UserError(f"--phases: unknown {', '.join(bad)} (train, evaluate, report)")
+        raise UserError(f"--phases: unknown {', '.join(bad)} (train, evaluate, samplers, report)")
+    for spec in args.samplers:
+        parse_sampler(spec)
     s.work.mkdir(parents=True, exist_ok=True)
     if args.quick:
         args.output = str(s.work / "quality.json")
@@ -614,6 +611,8 @@ def main(argv=None) -> int:
         train(args, s, recipes, budgets)
     if "evaluate" in phases:
         evaluate(args, s, recipes, budgets)
+    if "samplers" in phases:
+        compare_samplers(args, s, recipes[0], budgets[-1], args.samplers)
     if "report" in phases:
         report(args, s, recipes)
     return 0

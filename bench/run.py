@@ -7,22 +7,19 @@ Sections (the CPU sizes in brackets; a GPU run uses the larger sizes given by --
   train       MedSegDiffV2 training step [64 px, batch 8, fp32]: model FLOPs per step counted with
               torch.utils.flop_counter / step time, as a fraction of the matmul FLOP/s; and images/s against
               diffusers' UNet2DModel (UNet2DPeer) sized to the same FLOPs per image (within 10%)
-  quality     time to quality: both trained on the phantom by train_medsegdiff.py for the same wall-clock budget
-              [32 px], then FID/KID of 64 samples each against the real phantom set (offline FID Inception)
-  sampling    seconds per sample and FID for DDPM-1000, DDIM-50 and DPM-Solver++-20 on the quality run's checkpoint
   memory      peak memory of a training step (CUDA: max allocated; CPU: activations saved for backward + weights,
               gradients, AdamW and EMA states), and the same estimate for configs/busi256.yaml and
               configs/busi512.yaml on a GPU (activations measured at batch 1 under bf16 autocast, x batch)
   data        samples/s the in-memory input pipeline supplies vs the samples/s a training step consumes
   prepare     prepare_busi_dataset.py throughput on a 300-case phantom at 64 px (images/s)
 
-Prints a table and writes bench/results.json (the committed file is the latest CPU run).
+Prints a table and writes bench/results.json (the committed file is the latest CPU run). Realism per unit of compute
+(recipes against the peer, budgets, samplers at equal N) is bench/quality.py.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import shutil
@@ -44,7 +41,7 @@ from common.errors import UserError  # noqa: E402
 from common.io import atomic_write_json  # noqa: E402
 from common.precision import resolve_device  # noqa: E402
 
-SECTIONS = ("matmul", "train", "quality", "sampling", "memory", "data", "prepare")
+SECTIONS = ("matmul", "train", "memory", "data", "prepare")
 # the benchmarked MedSegDiffV2 is the demo preset's network and recipe; the peer takes the same preset with
 # --arch UNet2DPeer (peer_flags)
 DEMO_PRESET = ROOT / "configs" / "demo.yaml"
@@ -79,11 +76,10 @@ def matmul_peak(device, dtype) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- models
-def preset_args(preset: Path, *flags: str) -> argparse.Namespace:
-    """train_medsegdiff.py's settings for ``--config preset`` plus ``flags``, resolved as the script resolves them."""
-    import train_medsegdiff
-    from common.cli import parse_config
-    return parse_config(train_medsegdiff.build_parser(), ["--config", str(preset), *flags])
+def preset_config(preset: Path, *flags: str):
+    """train_medsegdiff.py's configuration for ``--config preset`` plus ``flags`` (built without the script)."""
+    from training.config import DiffusionTrainConfig, config_from_flags
+    return config_from_flags(DiffusionTrainConfig, ["--config", str(preset), *flags])
 
 
 def peer_flags(c: int) -> list[str]:
@@ -94,31 +90,22 @@ def peer_flags(c: int) -> list[str]:
 def build(img_size: int, flags: Sequence[str] = (), preset: Path = DEMO_PRESET) -> torch.nn.Module:
     """The network train_medsegdiff.py would build from ``preset`` and ``flags`` at ``img_size``."""
     from models.denoisers import build_denoiser
-    from training.diffusion_trainer import model_kwargs_from_args
-    args = preset_args(preset, "--img_size", str(img_size), *flags)
-    return build_denoiser(args.arch, model_kwargs_from_args(args))
+    from training.diffusion_trainer import denoiser_kwargs
+    cfg = preset_config(preset, "--img_size", str(img_size), *flags)
+    return build_denoiser(cfg.model.arch, denoiser_kwargs(cfg))
 
 
-def step_flops(model, diffusion, batch: int, img_size: int, device="meta") -> int:
-    """FLOPs of one training step (forward + backward) counted by torch.utils.flop_counter on meta tensors."""
-    from torch.utils.flop_counter import FlopCounterMode
-    import copy
-    m = copy.deepcopy(model).to(device)
-    x0 = torch.zeros(batch, 2, img_size, img_size, device=device)
-    y = torch.zeros(batch, dtype=torch.long, device=device)
-    t = torch.full((batch,), 500, device=device, dtype=torch.long)
-    noise = torch.zeros_like(x0)
-    with FlopCounterMode(display=False) as counter:
-        loss, _ = diffusion.loss(m, x0, y, timesteps=t, noise=noise)
-        loss.backward()
-    return int(counter.get_total_flops())
+def flops_of(img_size: int, batch: int, flags: Sequence[str] = (), preset: Path = DEMO_PRESET) -> int:
+    """FLOPs of one training step of the preset's network (training.plan.step_flops, meta tensors)."""
+    from training.plan import step_flops
+    return step_flops(preset_config(preset, "--img_size", str(img_size), "--batch_size", str(batch), *flags))
 
 
-def equal_flops_peer(ours_flops: int, diffusion, batch: int, img_size: int) -> tuple[int, int]:
+def equal_flops_peer(ours_flops: int, batch: int, img_size: int) -> tuple[int, int]:
     """UNet2DPeer base width whose step FLOPs are closest to ours (widths c, 2c, 2c, 4c; c a multiple of 8)."""
     best = None
     for c in range(8, 257, 8):
-        f = step_flops(build(img_size, peer_flags(c)), diffusion, batch, img_size)
+        f = flops_of(img_size, batch, peer_flags(c))
         if best is None or abs(f - ours_flops) < abs(best[1] - ours_flops):
             best = (c, f)
         if f > 1.3 * ours_flops:
@@ -129,25 +116,20 @@ def equal_flops_peer(ours_flops: int, diffusion, batch: int, img_size: int) -> t
 def make_trainer(tmp: Path, data_dir: Path, img_size: int, batch: int, device: torch.device, precision: str,
                  extra: Sequence[str] = ()):
     """The demo preset's DiffusionTrainer (``extra``: more train_medsegdiff.py flags, e.g. :func:`peer_flags`)."""
-    from common.cli import resolved_config
-    from training.diffusion_trainer import DiffusionTrainer
     from common.distributed import DistInfo
-    args = preset_args(DEMO_PRESET, "--data_dir", str(data_dir), "--output_dir", str(tmp), "--img_size",
-                       str(img_size), "--batch_size", str(batch), "--device", str(device), *extra)
-    args.command = "bench"
-    return DiffusionTrainer(args, resolved_config(args), DistInfo(), device, precision)
+    from training.diffusion_trainer import DiffusionTrainer
+    cfg = preset_config(DEMO_PRESET, "--data_dir", str(data_dir), "--output_dir", str(tmp), "--img_size",
+                        str(img_size), "--batch_size", str(batch), "--device", str(device), *extra)
+    return DiffusionTrainer(cfg, DistInfo(), device, precision, "bench")
 
 
 def train_speed(trainer, device, reps: int) -> float:
-    """Median seconds per optimiser step, the trainer's own next_batch + train_step."""
-    def one():
-        x0, labels = trainer.next_batch()
-        trainer.train_step(x0, labels)
-    return timed(one, device, 3, reps)
+    """Median seconds per optimiser step: the trainer's own batch making, loss, backward, AdamW and EMA."""
+    return timed(trainer.optimiser_step, device, 3, reps)
 
 
 def data_speed(trainer, device, reps: int = 50) -> float:
-    return timed(trainer.next_batch, device, 3, reps)
+    return timed(lambda: trainer.make_batch(trainer.next_indices()), device, 3, reps)
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -178,19 +160,20 @@ def preset_memory(path: Path) -> dict[str, object]:
     """GPU memory estimate of a preset: the activations saved for backward, measured at batch 1 on the CPU (fp32,
     and under bf16 autocast) x batch, plus fp32 weights, gradients, AdamW moments and EMA. Not included: the
     CUDA context, cuDNN workspaces and allocator fragmentation (typically 1-2 GiB more)."""
-    args = preset_args(path)
-    model = build(args.img_size, preset=path)
-    act = activation_bytes(model, 1, args.img_size) * args.batch_size
+    cfg = preset_config(path)
+    model = build(cfg.img_size, preset=path)
+    batch = cfg.optim.train_batch_size
+    act = activation_bytes(model, 1, cfg.img_size) * batch
     with torch.autocast("cpu", dtype=torch.bfloat16):   # the same autocast policy as --precision bf16 on a GPU
-        act_bf16 = activation_bytes(model, 1, args.img_size) * args.batch_size
+        act_bf16 = activation_bytes(model, 1, cfg.img_size) * batch
     states = state_bytes(model)
-    return {"preset": path.name, "img_size": args.img_size, "batch_size": args.batch_size,
-            "patch_size": args.patch_size, "parameters": sum(p.numel() for p in model.parameters()),
+    return {"preset": path.name, "img_size": cfg.img_size, "batch_size": batch,
+            "patch_size": cfg.model.patch_size, "parameters": sum(p.numel() for p in model.parameters()),
             "activations_fp32_gib": act / 2**30, "activations_bf16_gib": act_bf16 / 2**30,
             "states_gib": states / 2**30, "total_bf16_gib_estimate": (act_bf16 + states) / 2**30}
 
 
-# ---------------------------------------------------------------------------------------------- quality
+# ---------------------------------------------------------------------------------------------- helpers
 def run(cmd: list[str], log: Path, threads: int | None = None) -> str:
     env = dict(os.environ)
     if threads:
@@ -202,33 +185,11 @@ def run(cmd: list[str], log: Path, threads: int | None = None) -> str:
     return proc.stdout
 
 
-def fid_kid(images, real_feats, extractor) -> dict[str, float]:
-    from metrics.generation import FEATURE, extract_features, fid, kid
-    f = extract_features(images, extractor, progress=False)[FEATURE]
-    k = kid(f, real_feats, subsets=50, seed=0)
-    return {"fid": fid(f, real_feats), "kid": k[0], "kid_std": k[1], "n": len(images)}
-
-
-def sample(ckpt: Path, out: Path, sampler: str, steps: int, n_per_class: int, log: Path) -> dict[str, object]:
-    import re
-    stdout = run(["generate_synthetic.py", "--checkpoint_path", str(ckpt), "--num_samples_per_class", str(n_per_class),
-                  "--sampler", sampler, "--steps", str(steps), "--output_dir", str(out), "--min_lesion_area", "1",
-                  "--max_candidates_per_sample", "50"], log)
-    from data.pairs import open_pair_dataset
-    gen = json.loads((out / "dataset.json").read_text())
-    images, _ = open_pair_dataset(out).load()
-    m = re.search(r"drew (\d+) candidates.*; sampling ([0-9.]+) s", stdout)   # the sampling loop, not start-up
-    return {"images": images, "sampling_s": float(m.group(2)), "n": int(m.group(1))}
-
-
 # ---------------------------------------------------------------------------------------------- main
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {','.join(SECTIONS)}")
-    p.add_argument("--budget_minutes", type=float, default=2.5,
-                   help="wall-clock training budget of each model in the quality section")
-    p.add_argument("--quality_size", type=int, default=32, help="image size of the quality and sampling sections")
     p.add_argument("--output", default=str(ROOT / "bench" / "results.json"), help="results JSON")
     p.add_argument("--work_dir", default=None, help="scratch folder (default: a temporary one, removed)")
     return p
@@ -258,8 +219,6 @@ def main(argv=None) -> int:
         lines.append(text)
 
     t_all = time.time()
-    from models.diffusion import DiffusionConfig, JointDiffusion
-    diffusion = JointDiffusion(DiffusionConfig(prediction_type="v_prediction", snr_gamma=5.0))
     peak = None
     if "matmul" in sections or "train" in sections:
         peak = matmul_peak(device, torch.bfloat16 if gpu else torch.float32)
@@ -271,9 +230,8 @@ def main(argv=None) -> int:
         run(["prepare_busi_dataset.py", "--phantom", "120", "--img_size", str(size), "--output_dir", str(data_dir)],
             work / "prepare_train.log")
     if "train" in sections:
-        ours_model = build(size)
-        ours_flops = step_flops(ours_model, diffusion, batch, size)
-        c, peer_flops = equal_flops_peer(ours_flops, diffusion, batch, size)
+        ours_flops = flops_of(size, batch)
+        c, peer_flops = equal_flops_peer(ours_flops, batch, size)
         tr_ours = make_trainer(work / "t_ours", data_dir, size, batch, device, precision)
         tr_peer = make_trainer(work / "t_peer", data_dir, size, batch, device, precision, peer_flags(c))
         reps = 20 if gpu else 8
@@ -327,63 +285,6 @@ def main(argv=None) -> int:
             say(f"  {p['preset']}: {p['parameters'] / 1e6:.1f}M params, activations {p['activations_fp32_gib']:.1f} GiB "
                 f"fp32 ({p['activations_bf16_gib']:.1f} bf16 autocast) + states {p['states_gib']:.1f} GiB = "
                 f"~{p['total_bf16_gib_estimate']:.1f} GiB in bf16 at batch {p['batch_size']} (estimate)")
-    ckpts = {}
-    if "quality" in sections or "sampling" in sections:
-        qs = args.quality_size
-        qdata = work / f"phantom{qs}"
-        if not (qdata / "dataset.json").exists():
-            run(["prepare_busi_dataset.py", "--phantom", "400", "--img_size", str(qs), "--output_dir", str(qdata)],
-                work / "prepare_quality.log")
-        from data.pairs import open_pair_dataset
-        from metrics.generation import FEATURE, create_extractor, extract_features, resolve_inception_weights
-        real_ds = open_pair_dataset(qdata)
-        real_images, _ = real_ds.load(real_ds.select(labels=["benign", "malignant"]))
-        extractor = create_extractor(resolve_inception_weights("offline"), "cuda" if gpu else "cpu")
-        real_feats = extract_features(real_images, extractor, progress=False)[FEATURE]
-        ours_q = build(qs)
-        q_flops = step_flops(ours_q, diffusion, 16, qs)
-        qc, q_peer_flops = equal_flops_peer(q_flops, diffusion, 16, qs)
-        arms = {"ours": [], "peer": peer_flags(qc)}
-        quality = {"img_size": qs, "budget_minutes": args.budget_minutes, "peer_block_out_channels":
-                   [qc, 2 * qc, 2 * qc, 4 * qc], "flops_ratio_peer_vs_ours": q_peer_flops / q_flops,
-                   "n_real": len(real_images)}
-        for name, flags in arms.items():
-            tr = make_trainer(work / f"probe_{name}", qdata, qs, 16, device, precision, flags)
-            s_step = train_speed(tr, device, 5)
-            del tr
-            steps = max(50, int(args.budget_minutes * 60 / s_step))
-            out = work / f"q_{name}"
-            run(["train_medsegdiff.py", "--config", str(DEMO_PRESET), "--data_dir", str(qdata), "--output_dir",
-                 str(out), "--img_size", str(qs), "--max_steps", str(steps), "--time_limit_minutes",
-                 str(args.budget_minutes * 1.15), "--save_every", str(max(1, steps // 4)), "--sample_every", "0",
-                 "--device", str(device), *flags], work / f"train_{name}.log")
-            ckpts[name] = out / "best_model.pth"
-            if "quality" in sections:
-                s = sample(ckpts[name], work / f"gen_{name}", "dpmsolver++", 20, 32, work / f"gen_{name}.log")
-                quality[name] = {"steps": steps, "s_per_step_probe": s_step, **fid_kid(s["images"], real_feats, extractor)}
-        if "quality" in sections:
-            res["quality"] = quality
-            res["fid_ratio_vs_unet2d_same_budget"] = quality["ours"]["fid"] / quality["peer"]["fid"]
-            res["kid_ratio_vs_unet2d_same_budget"] = quality["ours"]["kid"] / max(quality["peer"]["kid"], 1e-9)
-            say(f"time to quality ({qs} px, {args.budget_minutes} min each): ours {quality['ours']['steps']} steps "
-                f"FID {quality['ours']['fid']:.1f} KID {quality['ours']['kid']:.4f}; peer {quality['peer']['steps']} "
-                f"steps FID {quality['peer']['fid']:.1f} KID {quality['peer']['kid']:.4f}; FID ratio "
-                f"{res['fid_ratio_vs_unet2d_same_budget']:.2f}")
-        if "sampling" in sections:
-            samp = {}
-            for sampler, steps, n in (("ddpm", 1000, 16), ("ddim", 50, 32), ("dpmsolver++", 20, 32)):
-                s = sample(ckpts["ours"], work / f"s_{sampler}", sampler, steps, n, work / f"s_{sampler}.log")
-                samp[f"{sampler}-{steps}"] = {"s_per_sample": s["sampling_s"] / s["n"],
-                                              **fid_kid(s["images"], real_feats, extractor)}
-            res["sampling"] = samp
-            d, p = samp["dpmsolver++-20"], samp["ddpm-1000"]
-            res["dpm20_speedup_vs_ddpm1000"] = p["s_per_sample"] / d["s_per_sample"]
-            res["dpm20_fid_ratio_vs_ddpm1000"] = d["fid"] / p["fid"]
-            for k, v in samp.items():
-                say(f"sampling {k}: {v['s_per_sample']:.3f} s/sample (sampling loop, batch 16), FID {v['fid']:.1f}, "
-                    f"KID {v['kid']:.4f} (N={v['n']})")
-            say(f"DPM-Solver++-20 vs DDPM-1000: x{res['dpm20_speedup_vs_ddpm1000']:.1f} faster per sample, FID ratio "
-                f"{res['dpm20_fid_ratio_vs_ddpm1000']:.2f}")
     if "prepare" in sections:
         raw = work / "prep"
         run(["prepare_busi_dataset.py", "--phantom", "300", "--img_size", "64", "--output_dir", str(raw)],

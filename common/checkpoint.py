@@ -6,31 +6,21 @@ tuples, dicts or None (no numpy arrays, no pickled classes).
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from common.errors import UserError
+from common.io import atomic_path
 
 FORMAT = "busdiff-checkpoint-v1"
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    """``torch.save`` to a temp file in the same folder, then an atomic rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": FORMAT, **payload}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``torch.save`` written atomically (:func:`common.io.atomic_path`), with the usual file permissions."""
+    with atomic_path(path) as tmp:
+        torch.save({"format": FORMAT, **payload}, tmp)
 
 
 def load_checkpoint(path: str | Path, expect_kind: str | None = None) -> dict[str, Any]:
@@ -51,11 +41,14 @@ def load_checkpoint(path: str | Path, expect_kind: str | None = None) -> dict[st
 
 
 def load_resumable(path: str | Path, kind: str, config: dict[str, Any], resumable_keys: set[str],
-                   resume: str = "auto") -> dict[str, Any] | None:
+                   resume: str = "auto", renamed: dict[str, str] | None = None,
+                   defaults: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The ``last.pth`` of a run to continue, or None when there is none.
 
     Refuses (one UserError) with ``resume='never'``, or when the run was started with settings that differ from
-    ``config`` in a key outside ``resumable_keys`` (run length, logging, hardware and paths may change)."""
+    ``config`` in a key outside ``resumable_keys`` (run length, logging, hardware and paths may change). Runs saved
+    by earlier versions: ``renamed`` maps their key names to today's, and a key they lack counts as ``defaults``'
+    value (an option added since, at its default, changes nothing)."""
     path = Path(path)
     if not path.exists():
         return None
@@ -63,7 +56,9 @@ def load_resumable(path: str | Path, kind: str, config: dict[str, Any], resumabl
         raise UserError(f"{path}: this --output_dir already holds a run; choose another --output_dir, remove "
                         "it, or pass --resume auto to continue it")
     ckpt = load_checkpoint(path, expect_kind=kind)
-    old = ckpt.get("config", {})
+    old = {(renamed or {}).get(k, k): v for k, v in ckpt.get("config", {}).items()}
+    for k, v in (defaults or {}).items():
+        old.setdefault(k, v)
     diffs = sorted(k for k in set(old) | set(config) if k not in resumable_keys and old.get(k) != config.get(k))
     if diffs:
         detail = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diffs[:6])

@@ -26,9 +26,17 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     """Show defaults and keep the description/epilog (examples) formatted as written."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: ``error: <prog>: <what> (see --help)`` and exit status 2, not a usage dump."""
+
+    def error(self, message: str):
+        print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
 def make_parser(description: str, epilog: str | None = None) -> argparse.ArgumentParser:
     """An ``ArgumentParser`` with ``--config`` and ``--dry-run`` already added."""
-    parser = argparse.ArgumentParser(description=description, epilog=epilog, formatter_class=_HelpFormatter)
+    parser = Parser(description=description, epilog=epilog, formatter_class=_HelpFormatter)
     parser.add_argument("--config", type=str, default=None,
                         help="YAML preset whose keys are this script's flags (without the leading --); "
                              "flags given on the command line override the preset")
@@ -38,7 +46,40 @@ def make_parser(description: str, epilog: str | None = None) -> argparse.Argumen
 
 
 def _flag_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
-    return {a.dest: a for a in parser._actions if a.dest not in ("help", "config", "dry_run")}
+    """{flag name without dashes (every alias too): action}."""
+    out = {}
+    for a in parser._actions:
+        if a.dest in ("help", "config", "dry_run"):
+            continue
+        out[a.dest] = a
+        for opt in a.option_strings:
+            if opt.startswith("--") and not opt.startswith("--no-"):
+                out[opt[2:]] = a
+    return out
+
+
+def preset_value(action: argparse.Action, value: Any) -> Any:
+    """A YAML value for ``action``, through the same conversion and checks as the typed flag."""
+    if value is None:
+        return None
+    if action.nargs == 0:   # store_true / BooleanOptionalAction
+        if not isinstance(value, bool):
+            raise ValueError(f"must be true or false, got {value!r}")
+        return value
+    if action.nargs in ("+", "*"):
+        items = value if isinstance(value, list) else [value]
+        return [preset_value(argparse.Action([], "x", type=action.type, choices=action.choices), v) for v in items]
+    if action.type is not None:
+        if isinstance(value, (list, dict)) and getattr(action.type, "__module__", "") != "common.options":
+            raise ValueError(f"must be a single value, got {value!r}")
+        if isinstance(value, bool) and getattr(action.type, "__module__", "") != "common.options":
+            raise ValueError(f"must be a {getattr(action.type, '__name__', 'value')}, got {value!r}")
+        if getattr(action.type, "__module__", "") != "common.options" and not isinstance(value, str):
+            value = str(value)
+        value = action.type(value)
+    if action.choices is not None and value not in action.choices:
+        raise ValueError(f"must be one of {list(action.choices)}, got {value!r}")
+    return value
 
 
 def load_preset(path: str | Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
@@ -55,25 +96,22 @@ def load_preset(path: str | Path, parser: argparse.ArgumentParser) -> dict[str, 
     actions = _flag_actions(parser)
     resolved: dict[str, Any] = {}
     for key, value in data.items():
-        dest = str(key).lstrip("-").replace("-", "_")
-        action = actions.get(dest)
+        name = str(key).lstrip("-").replace("-", "_")
+        action = actions.get(name)
         if action is None:
             raise UserError(f"{path}: unknown key '{key}' (not a flag of {parser.prog}; see --help)")
-        if value is not None and action.type is not None and isinstance(value, str):
-            try:
-                value = action.type(value)
-            except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
-                raise UserError(f"{path}: bad value for '{key}': {exc}") from None
-        if value is not None and action.choices is not None and value not in action.choices:
-            raise UserError(f"{path}: '{key}' must be one of {list(action.choices)}, got {value!r}")
-        resolved[dest] = value
+        try:
+            value = preset_value(action, value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
+            raise UserError(f"{path}: bad value for '{key}': {exc}") from None
+        resolved[action.dest] = value
     return resolved
 
 
 def parse_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse ``argv`` with the ``--config`` preset (if any) applied as defaults."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = Parser(add_help=False)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
     if known.config:

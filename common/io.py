@@ -1,6 +1,7 @@
 """Small file helpers: atomic writes, 8-bit PNG read/write, hashing."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,20 +22,28 @@ def _umask() -> int:
 _FILE_MODE = 0o666 & ~_umask()   # what open() would give: mkstemp's temporary files are 0600
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename.
-
-    The file gets the permissions a plain ``open(path, "w")`` would give (not mkstemp's private 0600)."""
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary path in ``path``'s folder (created if needed); when the block succeeds it is given the
+    permissions a plain ``open(path, "w")`` would give (not mkstemp's private 0600) and renamed over ``path``
+    atomically; when it fails it is removed. Readers never see a half-written file."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            os.fchmod(fh.fileno(), _FILE_MODE)
+        yield tmp
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_path`)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -10,9 +10,34 @@ from common.errors import UserError
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
+def gpu_present_but_unusable() -> str | None:
+    """Why CUDA is unusable although this machine seems to have an NVIDIA GPU (driver files present), or None."""
+    import os
+    import shutil
+    if torch.cuda.is_available():
+        return None
+    driver = None
+    try:
+        with open("/proc/driver/nvidia/version") as fh:
+            driver = fh.readline().strip()
+    except OSError:
+        pass
+    if driver is None and shutil.which("nvidia-smi") is None and not os.path.exists("/dev/nvidia0"):
+        return None
+    built = torch.version.cuda or "none (a CPU-only build of torch)"
+    return (f"an NVIDIA GPU seems present (driver: {driver or 'nvidia-smi found'}) but torch cannot use it: torch "
+            f"{torch.__version__} was built for CUDA {built}. Install the torch wheel that matches the driver (see "
+            "https://pytorch.org/get-started/locally/), or pass --device cpu to run on the CPU on purpose")
+
+
 def resolve_device(name: str = "auto", local_rank: int | None = None) -> torch.device:
-    """'auto' -> the local CUDA device when there is one, else the CPU."""
+    """'auto' -> the local CUDA device when there is one, else the CPU (with a loud warning when a GPU seems present
+    but CUDA is unusable, e.g. a driver older than torch's CUDA build)."""
     if name == "auto":
+        why = gpu_present_but_unusable()
+        if why:
+            import sys
+            print(f"WARNING: --device auto falls back to the CPU: {why}", file=sys.stderr, flush=True)
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():

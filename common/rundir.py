@@ -1,4 +1,4 @@
-"""The run directory (DESIGN.md): config.json, log.txt, stats.jsonl, samples/, checkpoints, metrics.json."""
+"""The run directory (docs/architecture.md): config.json, log.txt, stats.jsonl, samples/, checkpoints, metrics.json."""
 from __future__ import annotations
 
 import json
@@ -16,9 +16,11 @@ class RunDir:
     def __init__(self, path: str | Path, active: bool = True):
         self.path = Path(path)
         self.active = active
-        if active:
-            (self.path / "samples").mkdir(parents=True, exist_ok=True)
         self._t0 = time.time()
+
+    def _ensure(self) -> None:
+        """The folder is made by the first thing written, so a run refused before that leaves nothing behind."""
+        self.path.mkdir(parents=True, exist_ok=True)
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -32,6 +34,7 @@ class RunDir:
         if not self.active:
             return
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        self._ensure()
         with open(self.path / "log.txt", "a") as fh:
             fh.write(f"[{stamp}] {message}\n")
         if echo:
@@ -44,6 +47,7 @@ class RunDir:
     def stats(self, record: dict[str, Any]) -> None:
         """Append one JSON line to stats.jsonl."""
         if self.active:
+            self._ensure()
             with open(self.path / "stats.jsonl", "a") as fh:
                 fh.write(json.dumps(record, sort_keys=True) + "\n")
 

@@ -37,6 +37,8 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
                        EDMEulerScheduler)
 from diffusers.utils.torch_utils import randn_tensor
 
+from common.options import option
+
 SAMPLERS = ("ddpm", "ddim", "dpmsolver++")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 PARAMETERIZATIONS = ("ddpm", "edm")
@@ -49,26 +51,36 @@ EDM_TIME_SCALE = 250.0
 
 @dataclass
 class DiffusionConfig:
-    num_train_timesteps: int = 1000
-    beta_schedule: str = "linear"
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
-    prediction_type: str = "epsilon"
+    """The noise process and training objective (the ``diffusion`` flags of train_medsegdiff.py)."""
+
+    parameterization: str = option("ddpm", "ddpm: discrete schedule (--beta_*, --prediction_type, --snr_gamma); edm: "
+                                   "Karras et al. 2022 preconditioning, log-normal noise levels and loss weighting "
+                                   "(--sigma_data, --p_mean, --p_std)", choices=PARAMETERIZATIONS)
+    num_train_timesteps: int = option(1000, "diffusion steps of the discrete schedule", low=2, high=100000)
+    beta_schedule: str = option("linear", "noise schedule (diffusers name)",
+                                choices=("linear", "scaled_linear", "squaredcos_cap_v2"))
+    beta_start: float = option(1e-4, "first beta of the schedule", low=0, low_open=True, high=1, high_open=True)
+    beta_end: float = option(0.02, "last beta of the schedule", low=0, low_open=True, high=1, high_open=True)
+    prediction_type: str = option("epsilon", "what the network predicts (ddpm parameterisation)",
+                                  choices=PREDICTION_TYPES)
+    snr_gamma: float | None = option(0.0, "Min-SNR loss weighting gamma (0 = off; 5 is usual; ddpm only)", low=0)
+    sigma_data: float = option(0.5, "EDM: standard deviation of the data", low=0, low_open=True)
+    p_mean: float = option(-1.2, "EDM: mean of log(sigma) in training", low=-10, high=10)
+    p_std: float = option(1.2, "EDM: standard deviation of log(sigma) in training", low=0, low_open=True, high=10)
+    sigma_min: float = option(0.002, "EDM: smallest sampling noise level", low=0, low_open=True)
+    sigma_max: float = option(80.0, "EDM: largest sampling noise level", low=0, low_open=True)
+    self_condition: bool = option(False, "self-conditioning (Analog Bits): the network also sees its previous "
+                                  "clean-sample estimate")
+    mask_encoding: str = option("binary", "the mask channel: binary (+-mask_scale) or a signed distance map (+-1 at "
+                                "sdf_width px from the boundary, times mask_scale); positive inside the lesion either "
+                                "way", choices=MASK_ENCODINGS)
+    mask_scale: float = option(1.0, "amplitude of the mask channel (scaled analog bits: < 1 lets noise hide it "
+                               "sooner)", low=0, low_open=True, high=1)
+    sdf_width: float = option(8.0, "pixels at which the signed distance map saturates", low=0, low_open=True)
+    mask_loss_weight: float = option(1.0, "weight of the mask channel's loss", low=0)
+    anchor_loss_weight: float = option(1.0, "weight of the anchor's auxiliary mask loss (BCE + Dice)", low=0)
     image_channels: int = 1
     mask_channels: int = 1
-    mask_loss_weight: float = 1.0
-    anchor_loss_weight: float = 1.0
-    snr_gamma: float | None = None
-    parameterization: str = "ddpm"
-    sigma_data: float = 0.5
-    p_mean: float = -1.2
-    p_std: float = 1.2
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
-    self_condition: bool = False
-    mask_encoding: str = "binary"
-    mask_scale: float = 1.0
-    sdf_width: float = 8.0
 
     def __post_init__(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:
@@ -85,6 +97,8 @@ class DiffusionConfig:
             raise ValueError(f"need 0 < sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
         if not float(self.sigma_data) > 0.0 or not float(self.p_std) > 0.0:
             raise ValueError("sigma_data and p_std must be > 0")
+        if not float(self.beta_start) < float(self.beta_end):
+            raise ValueError(f"beta_start ({self.beta_start}) must be below beta_end ({self.beta_end})")
 
     @classmethod
     def from_dict(cls, data: dict) -> "DiffusionConfig":

@@ -1,39 +1,40 @@
-"""Every preset in configs/ is a valid flag set of its script, and the networks they describe can be built."""
+"""Every preset in configs/ is a valid flag set of its script (same checks as typed flags), and the networks they
+describe can be built."""
 from pathlib import Path
 
 import pytest
 import torch
 
-import train_medsegdiff
-import train_segmentation
-from common.cli import parse_config
 from models.denoisers import build_denoiser
-from training.diffusion_trainer import model_kwargs_from_args
+from training.config import DiffusionTrainConfig, SegTrainConfig, config_from_flags
+from training.diffusion_trainer import denoiser_kwargs
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
 
-def script_for(path: Path):
-    return train_segmentation if "segmentation" in path.stem else train_medsegdiff
+def config_class(path: Path):
+    return SegTrainConfig if "segmentation" in path.stem else DiffusionTrainConfig
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_preset_parses_and_builds(path):
-    script = script_for(path)
-    args = parse_config(script.build_parser(), ["--config", str(path)])
-    assert args.config == str(path)
-    if script is train_medsegdiff:
+    cfg = config_from_flags(config_class(path), ["--config", str(path)])
+    if isinstance(cfg, DiffusionTrainConfig):
+        assert cfg.img_size > 0, "a diffusion preset names its image size"
         with torch.device("meta"):   # shapes only: the 512-px preset's network is 138M parameters
-            model = build_denoiser(args.arch, model_kwargs_from_args(args))
-        x = torch.zeros(1, 2, args.img_size, args.img_size, device="meta")
+            model = build_denoiser(cfg.model.arch, denoiser_kwargs(cfg))
+        c = 4 if cfg.diffusion.self_condition else 2
+        x = torch.zeros(1, c, cfg.img_size, cfg.img_size, device="meta")
         out = model(x, torch.zeros(1, dtype=torch.long, device="meta"), torch.zeros(1, dtype=torch.long, device="meta"))
-        assert out.shape == x.shape
+        assert out.shape == (1, 2, cfg.img_size, cfg.img_size)
 
 
 def test_the_plan_presets_say_what_the_plan_says():
-    args = parse_config(train_medsegdiff.build_parser(), ["--config", str(CONFIGS[0].parent / "busi256.yaml")])
-    assert (args.img_size, args.batch_size, args.num_epochs, args.lr) == (256, 8, 100, 1e-4)
-    assert (args.model_channels, args.transformer_depth, args.num_heads, args.use_transformer) == (128, 6, 8, True)
-    assert (args.num_train_timesteps, args.beta_schedule, args.prediction_type) == (1000, "linear", "epsilon")
-    big = parse_config(train_medsegdiff.build_parser(), ["--config", str(CONFIGS[0].parent / "busi512.yaml")])
-    assert big.img_size == 512 and big.patch_size == 2
+    cfg = config_from_flags(DiffusionTrainConfig, ["--config", str(CONFIGS[0].parent / "busi256.yaml")])
+    assert (cfg.img_size, cfg.optim.train_batch_size, cfg.run.num_epochs, cfg.optim.learning_rate) == (256, 8, 100, 1e-4)
+    m = cfg.model
+    assert (m.model_channels, m.transformer_depth, m.num_heads, m.use_transformer) == (128, 6, 8, True)
+    d = cfg.diffusion
+    assert (d.num_train_timesteps, d.beta_schedule, d.prediction_type) == (1000, "linear", "epsilon")
+    big = config_from_flags(DiffusionTrainConfig, ["--config", str(CONFIGS[0].parent / "busi512.yaml")])
+    assert big.img_size == 512 and big.model.patch_size == 2

@@ -113,7 +113,7 @@ def test_bad_input(data16, tmp_path, case, match):
 
 
 def test_nan_loss_stops_with_hint(data16, tmp_path):
-    with pytest.raises(UserError, match="NaN/inf between steps 0 and 2.*lower --lr"):
+    with pytest.raises(UserError, match="NaN/inf between steps 0 and 2.*lower --learning_rate"):
         train(["--data_dir", data16, "--output_dir", str(tmp_path / "n"), "--max_steps", "4", "--lr", "1e30",
                "--grad_clip", "1e30", "--warmup_steps", "0", *TINY_MODEL])
     assert not (tmp_path / "n" / "last.pth").exists()
@@ -133,12 +133,22 @@ def test_incompatible_checkpoint(tmp_path):
         load_diffusion_checkpoint(tmp_path / "foreign.pth")
 
 
-def test_preset_and_dry_run(tmp_path, capsys):
+def test_preset_and_dry_run(data16, tmp_path, capsys):
     preset = tmp_path / "p.yaml"
-    preset.write_text("img_size: 16\nbatch_size: 3\nlr: 2.0e-4\n")
-    assert train(["--config", str(preset), "--dry-run", "--batch_size", "5"]) == 0
-    cfg = json.loads(capsys.readouterr().out)
-    assert cfg["img_size"] == 16 and cfg["batch_size"] == 5 and cfg["lr"] == 2e-4
+    preset.write_text("img_size: 16\nbatch_size: 3\nlr: 2.0e-4\nmodel_channels: 16\nchannel_mult: 1,2\n"
+                      "transformer_depth: 1\nnum_heads: 2\nnum_epochs: 3\n")
+    assert train(["--config", str(preset), "--data_dir", data16, "--dry-run", "--batch_size", "5"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    cfg, plan = out["config"], out["plan"]
+    assert cfg["img_size"] == 16 and cfg["train_batch_size"] == 5 and cfg["learning_rate"] == 2e-4
+    assert plan["train_pairs"] == 20 and plan["steps_per_epoch"] == 4 and plan["total_steps"] == 12
+    assert plan["step_tflop"] > 0 and plan["parameters"] > 0
+    assert not (tmp_path / "checkpoints").exists()
+    # the dry run performs the input checks of a real start
+    with pytest.raises(UserError, match="pair dataset folder not found"):
+        train(["--config", str(preset), "--data_dir", str(tmp_path / "nowhere"), "--dry-run"])
+    with pytest.raises(UserError, match="images are 16 px but --img_size is 32"):
+        train(["--config", str(preset), "--data_dir", data16, "--dry-run", "--img_size", "32"])
     preset.write_text("imgsize: 16\n")
     with pytest.raises(UserError, match="unknown key 'imgsize'"):
         train(["--config", str(preset), "--dry-run"])

@@ -178,7 +178,7 @@ def test_resume_is_bit_exact_and_rerun_only_evaluates(data, tmp_path):
     train_segmentation.main(["--output_dir", str(tmp_path / "b"), *common])
     assert "already trained" in (tmp_path / "b" / "log.txt").read_text()
     assert load_checkpoint(tmp_path / "b" / "last.pth")["epoch"] == 3
-    with pytest.raises(UserError, match="cannot resume.*lr"):
+    with pytest.raises(UserError, match="cannot resume.*learning_rate"):
         train_segmentation.main(["--output_dir", str(tmp_path / "b"), *common, "--lr", "1e-2"])
 
 
@@ -275,10 +275,15 @@ def test_bad_input(data, tmp_path, monkeypatch, case, match):
 def test_unknown_model_is_argparse_error(capsys):
     with pytest.raises(SystemExit) as exc:
         train_segmentation.main(["--model", "segformer"])
-    assert exc.value.code == 2 and "invalid choice: 'segformer'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "must be one of madgnet, unet, got 'segformer'" in err
+    assert len(err.strip().splitlines()) == 1 and "usage:" not in err
 
 
 def test_parser_choices_match_registries():
     from models.segmenters import SEGMENTERS
     from training.augment import LEVELS
-    assert set(train_segmentation.MODELS) == set(SEGMENTERS) and tuple(train_segmentation.AUGMENT_LEVELS) == LEVELS
+    from common.options import option_specs
+    from training.config import SegTrainConfig
+    specs = option_specs(SegTrainConfig)
+    assert set(specs["model"][1].choices) == set(SEGMENTERS) and tuple(specs["augment"][1].choices) == LEVELS

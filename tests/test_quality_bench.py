@@ -1,0 +1,51 @@
+"""bench/quality.py --quick: the whole time-to-realism path (train recipes on a CPU-minute budget with snapshots,
+draw, KID/FID beside the real-vs-real floor, morphology, nearest SSIM, grids, report, scaling fit) on a phantom."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*argv):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "bench/quality.py", *argv], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_quick_path_writes_the_promised_json(tmp_path):
+    work = tmp_path / "q"
+    res = run("--quick", "--work_dir", str(work))
+    assert res.returncode == 0, res.stderr[-2000:] + res.stdout[-2000:]
+    q = json.loads((work / "quality.json").read_text())
+    for key in ("budget_minutes", "n_samples", "kid_floor", "recipes", "kid_ratio_winner_vs_current",
+                "kid_ratio_winner_vs_peer", "scaling"):
+        assert key in q, key
+    assert set(q["recipes"]) == {"current", "peer", "edm"}
+    for name, rec in q["recipes"].items():
+        for key in ("kid", "kid_std", "fid", "fid_floor", "morphology_w1", "steps", "flops"):
+            assert rec[key] is not None, (name, key)
+        assert rec["steps"] > 0 and rec["flops"] == rec["steps"] * rec["step_flops"] > 0
+        assert 0 < rec["kid"] < 1 and rec["fid"] > rec["fid_floor"] > 0   # an untrained model is far from real
+        assert set(rec["by_budget"]) == {"0.02", "0.04"}
+    assert q["kid_floor"] < min(r["kid"] for r in q["recipes"].values())
+    sc = q["scaling"]
+    assert [p["minutes"] for p in sc["points"]] == [0.02, 0.04] and sc["fit"]["n_points"] == 2
+    assert (work / "quality_kid.png").is_file()
+    assert (work / "eval" / "edm" / "min0.04_ema0.999" / "grid.png").is_file()
+    # snapshots at each budget, the budget clock in the checkpoint, nothing retrained on a rerun
+    snap = work / "runs" / "current" / "snapshots"
+    assert sorted(p.name for p in snap.glob("*.pth")) == ["min0.02.pth", "min0.04.pth"]
+    before = (work / "runs" / "current" / "stats.jsonl").read_text()
+    again = run("--quick", "--work_dir", str(work), "--phases", "train,evaluate")
+    assert again.returncode == 0 and "start train" not in again.stdout and "start evaluate" not in again.stdout
+    assert (work / "runs" / "current" / "stats.jsonl").read_text() == before
+
+
+def test_bad_input_is_one_line(tmp_path):
+    res = run("--recipes", "nonsense", "--work_dir", str(tmp_path))
+    assert res.returncode == 2 and res.stderr.startswith("error: --recipes: unknown nonsense")
+    res = run("--samplers", "dpm:x", "--work_dir", str(tmp_path), "--phases", "samplers")
+    assert res.returncode == 2 and "SAMPLER:STEPS:GUIDANCE" in res.stderr
