@@ -17,6 +17,7 @@ import torch
 
 from common.distributed import DistInfo
 from common.errors import UserError
+from common.io import pixel_hash, sha256_file
 from common.options import canonical_names, flat
 from common.precision import autocast
 from common.rundir import RunDir
@@ -97,12 +98,19 @@ class DiffusionTrainer(Harness):
     def __init__(self, cfg: DiffusionTrainConfig, dist: DistInfo, device: torch.device, precision: str,
                  command: str = ""):
         cfg, ds = with_dataset_size(cfg)
-        config = {**flat(cfg), "command": command}
-        super().__init__(cfg, config, dist, device, precision, DIFFUSION_RESUMABLE | {"command"},
-                         renamed=canonical_names(DiffusionTrainConfig))
+        fingerprint = sha256_file(ds.root / "dataset.json")
+        config = {**flat(cfg), "command": command, "dataset_json_sha256": fingerprint}
+        # runs saved before an option existed resume as if it had its default; one without a dataset
+        # fingerprint cannot be checked against the data (it is trusted)
+        defaults = {**flat(DiffusionTrainConfig()), "dataset_json_sha256": fingerprint}
+        super().__init__(cfg, config, dist, device, precision, DIFFUSION_RESUMABLE | {"command", "config"},
+                         renamed=canonical_names(DiffusionTrainConfig), defaults=defaults)
         self.run = RunDir(cfg.run.output_dir, active=dist.is_main)
         self.class_names = class_names_for(cfg.num_classes)
         self.train = load_split(ds, "train", self.class_names, device)
+        # what the generator saw, by content: a synthetic set carries it, and combining refuses a real dataset
+        # whose validation or test split holds any of these images (create_combined_dataset.py)
+        self.train_hashes = [pixel_hash(a) for a in self.train.images[:, 0].cpu().numpy()]
         missing = [c for i, c in enumerate(self.class_names) if not (self.train.labels == i).any()]
         if missing:
             raise UserError(f"{cfg.data_dir}: no training pairs of class {', '.join(missing)} "
@@ -192,7 +200,9 @@ class DiffusionTrainer(Harness):
                 "diffusion": self.diffusion.config.to_dict(), "class_names": self.class_names,
                 "img_size": self.cfg.img_size, "ema": self.ema.state_dict()["module"], "step": self.step,
                 "epoch": self.epoch, "best_val_loss": self.best, "config": self.config,
-                "train_cpu_s": self.train_cpu_s, "train_wall_s": self.train_wall_s}
+                "train_cpu_s": self.train_cpu_s, "train_wall_s": self.train_wall_s,
+                "training_data": {"data_dir": self.cfg.data_dir, "dataset_json_sha256": self.config["dataset_json_sha256"],
+                                  "n_train": len(self.train), "image_hashes": self.train_hashes}}
 
     def snapshot_payload(self) -> dict[str, Any]:
         return {**self.best_payload(), "extra_emas": {k: e.state_dict()["module"] for k, e in self.extra_emas.items()}}

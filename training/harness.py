@@ -35,13 +35,14 @@ from common.tracking import Tracker
 
 class Harness:
     kind = "model"                 # checkpoint kind
+    output_kind = "diffusion-run"  # what common.outputs.claim records for the run folder
     higher_is_better = False       # direction of validate()'s score
     oom_hint = "lower --train_batch_size (or raise --gradient_accumulation_steps), or use --mixed_precision bf16"
 
     def __init__(self, cfg, config: dict[str, Any], dist: DistInfo, device: torch.device, precision: str,
-                 resumable: set[str], renamed: dict[str, str] | None = None):
+                 resumable: set[str], renamed: dict[str, str] | None = None, defaults: dict[str, Any] | None = None):
         self.cfg, self.config, self.dist, self.device, self.precision = cfg, config, dist, device, precision
-        self.resumable, self.renamed = resumable, renamed or {}
+        self.resumable, self.renamed, self.defaults = resumable, renamed or {}, defaults or {}
         self.optim, self.runcfg = cfg.optim, cfg.run
         self.step = self.epoch = self.pos = 0
         self.best = -math.inf if self.higher_is_better else math.inf
@@ -161,7 +162,8 @@ class Harness:
 
     def try_resume(self) -> bool:
         path = self.run.file("last.pth")
-        ckpt = load_resumable(path, self.kind, self.config, self.resumable, self.runcfg.resume, self.renamed)
+        ckpt = load_resumable(path, self.kind, self.config, self.resumable, self.runcfg.resume, self.renamed,
+                              self.defaults)
         if ckpt is None:
             return False
         try:
@@ -235,6 +237,9 @@ class Harness:
     def fit(self) -> dict[str, Any]:
         r, run = self.runcfg, self.run
         resumed = self.try_resume()          # refuses before anything is written
+        if self.dist.is_main:
+            from common.outputs import claim
+            claim(run.path, self.output_kind, self.config.get("command", ""))
         run.write_config({**self.config, "resolved_precision": self.precision, "device_resolved": str(self.device),
                           "world_size": self.dist.world_size, "parameters": self.n_params})
         if not resumed:

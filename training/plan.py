@@ -12,6 +12,7 @@ import torch
 from common.distributed import cleanup, init_distributed
 from common.errors import UserError
 from common.options import flat
+from common.outputs import OutputLock, check_separate, check_writable
 from common.precision import resolve_device, resolve_precision
 from models.denoisers import build_denoiser
 from models.diffusion import JointDiffusion
@@ -22,13 +23,17 @@ CPU_FLOPS_PER_CORE = 1.0e11     # ~100 GFLOP/s of training per core (measured he
 
 
 def start_training(cfg: DiffusionTrainConfig, command: str) -> dict[str, Any]:
+    out = cfg.run.output_dir
+    check_separate(out, {"--data_dir": cfg.data_dir})
+    check_writable(out)
     dist = init_distributed(cfg.run.device)
     try:
-        device = resolve_device(cfg.run.device, dist.local_rank if dist.enabled else None)
-        precision = resolve_precision(cfg.run.mixed_precision, device)
-        torch.manual_seed(cfg.run.seed)
-        trainer = DiffusionTrainer(cfg, dist, device, precision, command)
-        return trainer.fit()
+        with OutputLock(out, active=dist.is_main):
+            device = resolve_device(cfg.run.device, dist.local_rank if dist.enabled else None)
+            precision = resolve_precision(cfg.run.mixed_precision, device)
+            torch.manual_seed(cfg.run.seed)
+            trainer = DiffusionTrainer(cfg, dist, device, precision, command)
+            return trainer.fit()
     finally:
         cleanup()
 

@@ -11,6 +11,7 @@ import torch
 
 from common.errors import UserError
 from common.options import flat
+from common.outputs import OutputLock, check_separate, check_writable
 from common.precision import resolve_device, resolve_precision
 from training.config import SegTrainConfig
 from training.seg_trainer import SegTrainer, class_names_for, open_training_dataset
@@ -34,7 +35,10 @@ def train_seeds(cfg: SegTrainConfig, seeds: Sequence[int], out_dirs: Sequence[st
             print(f"=== seed {seed} ({k + 1}/{len(seeds)}) -> {out}", flush=True)
         c = copy.deepcopy(cfg)
         c.run.seed, c.run.output_dir = seed, out
-        result = SegTrainer(c, device, precision, dataset, command).fit()
+        check_separate(out, {"--data_dir": cfg.data_dir, **{f"--test_data {t}": t for t in cfg.test_data}})
+        check_writable(out)
+        with OutputLock(out):
+            result = SegTrainer(c, device, precision, dataset, command).fit()
         result["output_dir"] = out
         results.append(result)
     return results

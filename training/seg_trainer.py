@@ -151,6 +151,7 @@ def build_model(m: SegModelConfig, num_labels: int, pretrained: bool) -> torch.n
 
 class SegTrainer(Harness):
     kind = KIND
+    output_kind = "segmentation-run"
     higher_is_better = True
     oom_hint = "lower --train_batch_size (or raise --gradient_accumulation_steps) or use --mixed_precision bf16"
 
@@ -162,8 +163,8 @@ class SegTrainer(Harness):
                             f"(leave --img_size out, or prepare the data with --img_size {cfg.img_size})")
         cfg.img_size = self.ds.img_size
         config = {**flat(cfg), "command": command, "dataset_json_sha256": dataset_fingerprint(cfg.data_dir)}
-        super().__init__(cfg, config, DistInfo(), device, precision, SEG_RESUMABLE | {"command", "seeds"},
-                         renamed=canonical_names(SegTrainConfig))
+        super().__init__(cfg, config, DistInfo(), device, precision, SEG_RESUMABLE | {"command", "seeds", "config"},
+                         renamed=canonical_names(SegTrainConfig), defaults=flat(SegTrainConfig()))
         self.class_names = class_names_for(cfg.include_normal)
         self.rows = {sp: self.ds.select(split=sp, labels=self.class_names) for sp in ("train", "val", "test")}
         what = "benign/malignant" + ("/normal" if cfg.include_normal else "")
@@ -182,7 +183,8 @@ class SegTrainer(Harness):
         self.test = load_rows(self.ds, self.rows["test"], self.class_names)
         self.run = RunDir(cfg.run.output_dir)
         last = self.run.file("last.pth")
-        resuming = load_resumable(last, KIND, self.config, self.resumable, cfg.run.resume, self.renamed) is not None
+        resuming = load_resumable(last, KIND, self.config, self.resumable, cfg.run.resume, self.renamed,
+                                  self.defaults) is not None
         torch.manual_seed(cfg.run.seed)
         model = build_model(cfg.model, len(self.class_names), pretrained=not resuming).to(device)
         self.spec = segmenter_spec(model)
