@@ -53,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = make_parser(__doc__, EPILOG)
     g = p.add_argument_group("what to generate")
     g.add_argument("--checkpoint_path", default="./checkpoints/best_model.pth",
-                   help="diffusion checkpoint written by train_medsegdiff.py (best_model.pth or last.pth); it "
-                        "carries the model, its classes and image size")
+                   help="diffusion checkpoint written by train_medsegdiff.py (best_model.pth or last.pth), or a "
+                        "folder export_model.py wrote from one (the same pairs); it carries the model, its classes "
+                        "and image size")
     g.add_argument("--output_dir", default="./synthetic_busi",
                    help="output pair dataset; an existing folder of the same run is resumed/extended, any other "
                         "non-empty folder is refused")

@@ -44,6 +44,9 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 PARAMETERIZATIONS = ("ddpm", "edm")
 MASK_ENCODINGS = ("binary", "sdf")
 DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50, "dpmsolver++": 20}
+# the diffusers scheduler classes each parameterisation samples with, and the sampler name each one implements
+DDPM_SCHEDULERS = {"DDPMScheduler": "ddpm", "DDIMScheduler": "ddim", "DPMSolverMultistepScheduler": "dpmsolver++"}
+EDM_SCHEDULERS = {"EDMEulerScheduler": "ddim", "EDMDPMSolverMultistepScheduler": "dpmsolver++"}
 # EDM's c_noise = ln(sigma)/4 spans about [-1.6, 1.1]; the sinusoidal timestep embedding of the networks is built
 # for DDPM's 0..999, so the network sees EDM_TIME_SCALE * c_noise (about -390..275) instead.
 EDM_TIME_SCALE = 250.0
@@ -345,6 +348,17 @@ class JointDiffusion:
         sched.set_timesteps(steps)
         return sched
 
+    def sampler_of(self, scheduler) -> str:
+        """The sampler name (``SAMPLERS``) that a diffusers scheduler instance implements for this process, so a
+        scheduler saved with a pipeline (or swapped in by a user) drives :meth:`sample` as ``make_scheduler`` would.
+        Raises ValueError for a scheduler class this process cannot sample with."""
+        name = type(scheduler).__name__
+        known = EDM_SCHEDULERS if self.edm else DDPM_SCHEDULERS
+        if name not in known:
+            raise ValueError(f"a {'edm' if self.edm else 'ddpm'}-parameterised model samples with "
+                             f"{', '.join(known)}; got {name}")
+        return known[name]
+
     def _sched_levels(self, sched, t, n: int, device) -> torch.Tensor:
         """The noise level of scheduler timestep ``t`` as ``n`` per-sample levels (sigma for edm)."""
         if self.edm:
@@ -357,7 +371,7 @@ class JointDiffusion:
                guidance_scale: float = 1.0, null_class: int | None = None,
                autocast: Callable | None = None, progress: Callable | None = None,
                known: torch.Tensor | None = None, known_channels: Sequence[int] | None = None,
-               resample: int = 1) -> torch.Tensor:
+               resample: int = 1, scheduler=None) -> torch.Tensor:
         """Draw a batch of joint samples [B, C, H, W] in [-1, 1].
 
         ``generators`` holds one CPU ``torch.Generator`` per sample: the sample's initial noise and every
@@ -372,7 +386,13 @@ class JointDiffusion:
         their steps keep no history) repeats every step that many times, re-noising the result back to the
         step's noise level in between (RePaint's resampling, jump length 1), so the drawn channels can agree with
         the known ones at every noise level.
+
+        ``scheduler`` (a diffusers scheduler instance, e.g. a pipeline's) replaces ``sampler``: a fresh copy of it
+        (``from_config``) is set to ``steps`` and stepped; ``sampler`` becomes the name it implements
+        (:meth:`sampler_of`). The scheduler that ``make_scheduler(sampler, steps)`` builds gives the same samples.
         """
+        if scheduler is not None:
+            sampler = self.sampler_of(scheduler)
         steps = steps or DEFAULT_STEPS[sampler]
         device = class_labels.device
         b = class_labels.shape[0]
@@ -387,7 +407,11 @@ class JointDiffusion:
             raise ValueError(f"known must be [{b}, {len(kc)}, {img_size}, {img_size}], got {tuple(known.shape)}")
         if resample < 1 or (resample > 1 and (known is None or sampler == "dpmsolver++")):
             raise ValueError("resample > 1 needs known channels and the ddim or ddpm sampler")
-        sched = self.make_scheduler(sampler, steps)
+        if scheduler is None:
+            sched = self.make_scheduler(sampler, steps)
+        else:
+            sched = type(scheduler).from_config(scheduler.config)
+            sched.set_timesteps(steps)
         gens = list(generators)
         x = randn_tensor(shape, generator=gens, device=device, dtype=torch.float32)
         x = x * sched.init_noise_sigma

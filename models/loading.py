@@ -18,7 +18,11 @@ from models.diffusion import DiffusionConfig, JointDiffusion
 def load_diffusion_checkpoint(path: str | Path, device: torch.device | str = "cpu"
                               ) -> tuple[nn.Module, JointDiffusion, dict[str, Any]]:
     """Rebuild the EMA denoiser and its diffusion process from a checkpoint (best_model.pth, last.pth or a
-    snapshot)."""
+    snapshot) or from a folder export_model.py wrote (diffusers format, models/hub.py): the same network, noise
+    process and record (``class_names``, ``img_size``, ``step``, ...), so both give the same samples."""
+    if Path(path).is_dir():
+        from models.hub import load_export
+        return load_export(path, device)
     ckpt = load_checkpoint(path, expect_kind="diffusion")
     try:
         model = build_denoiser(ckpt["model_class"], ckpt["model_kwargs"])
@@ -29,6 +33,16 @@ def load_diffusion_checkpoint(path: str | Path, device: torch.device | str = "cp
                         f"({str(exc).splitlines()[0][:200]})") from None
     model.to(device).eval()
     return model, diffusion, ckpt
+
+
+def checkpoint_sha256(path: str | Path) -> str:
+    """Fingerprint of what ``load_diffusion_checkpoint(path)`` loads: the .pth file's sha256, or for an exported
+    folder a sha256 over its denoiser files (configs and weights)."""
+    if Path(path).is_dir():
+        from models.hub import export_fingerprint
+        return export_fingerprint(path)
+    from common.io import sha256_file
+    return sha256_file(path)
 
 
 SEGMENTER_BUILDER: Callable | None = None  # tests put a stand-in here; None = models.segmenters.build_segmenter

@@ -36,7 +36,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from common.errors import UserError
-from common.io import atomic_write_json, read_png_gray, sha256_file, write_png
+from common.io import atomic_write_json, read_png_gray, write_png
 from data.masks import clean_mask
 from data.pairs import LABELS, TUMOUR_LABELS, open_pair_dataset, write_index
 
@@ -385,7 +385,7 @@ def batch_invariant_kernels(device):
 # ---------------------------------------------------------------------------- the generation loop
 def generate(req: GenerationRequest, after_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Generate (or resume, or extend) the synthetic pair dataset described by ``req``; returns a summary."""
-    from models.loading import load_diffusion_checkpoint
+    from models.loading import checkpoint_sha256, load_diffusion_checkpoint
     from common.distributed import cleanup, init_distributed
     from common.precision import resolve_device, resolve_precision
     from models.diffusion import DEFAULT_STEPS
@@ -413,7 +413,7 @@ def generate(req: GenerationRequest, after_batch: Callable[[int], None] | None =
                                              req.condition_labels)
             if req.counts is None:   # one pair per condition mask
                 req.counts = {c: len(condition.ids[c]) for c in req.classes}
-        identity = run_identity(req, ckpt, sha256_file(req.checkpoint_path), steps, device.type, precision)
+        identity = run_identity(req, ckpt, checkpoint_sha256(req.checkpoint_path), steps, device.type, precision)
         if condition is not None:
             identity.update(condition_fingerprint=condition.fingerprint(), mask_transform=transform.spec(),
                             condition_labels=req.condition_labels if condition.labelled else "unlabelled")

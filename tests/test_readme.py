@@ -28,7 +28,9 @@ def load_script(rel: str):
 
 def readme_commands():
     text = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```\n(.*?)```", text, flags=re.S)
+    # shell blocks only: a fence opens a block at the start of a line, with no language or a shell one
+    blocks = [code for lang, code in re.findall(r"^```([\w+-]*)\n(.*?)^```", text, flags=re.S | re.M)
+              if lang in ("", "bash", "sh", "shell", "console")]
     commands = []
     for block in blocks:
         joined = re.sub(r"\\\n\s*", " ", block)
