@@ -79,12 +79,16 @@ def leaf_fields(cls) -> list[tuple[str, Any, Spec, tuple[str, ...]]]:
     return out
 
 
+def _num(v) -> str:
+    return str(v) if isinstance(v, int) else f"{v:g}"
+
+
 def _range_text(spec: Spec) -> str:
     parts = []
     if spec.low is not None:
-        parts.append(f"{'>' if spec.low_open else '>='} {spec.low:g}")
+        parts.append(f"{'>' if spec.low_open else '>='} {_num(spec.low)}")
     if spec.high is not None:
-        parts.append(f"{'<' if spec.high_open else '<='} {spec.high:g}")
+        parts.append(f"{'<' if spec.high_open else '<='} {_num(spec.high)}")
     return " and ".join(parts)
 
 

@@ -134,9 +134,8 @@ def folder_kind(path: str | Path) -> str | None:
     return None
 
 
-def claim(output: str | Path, kind: str, command: str = "", allow_kinds: tuple[str, ...] = ()) -> None:
-    """Refuse ``output`` when it holds another kind of run or unrelated files; mark it as ``kind`` otherwise.
-    ``allow_kinds``: other kinds this script may take over (none by default)."""
+def check_kind(output: str | Path, kind: str, allow_kinds: tuple[str, ...] = ()) -> None:
+    """Refuse ``output`` when it holds another kind of run or unrelated files (nothing is written)."""
     assert kind in KINDS, kind
     p = Path(output)
     if p.exists() and not p.is_dir():
@@ -149,6 +148,12 @@ def claim(output: str | Path, kind: str, command: str = "", allow_kinds: tuple[s
         if found != kind and found not in allow_kinds:
             raise UserError(f"{output}: holds a {found} output, not a {kind}; choose another output folder "
                             "(nothing was changed)")
+
+
+def claim(output: str | Path, kind: str, command: str = "", allow_kinds: tuple[str, ...] = ()) -> None:
+    """:func:`check_kind`, then mark the folder as ``kind`` (made if needed)."""
+    check_kind(output, kind, allow_kinds)
+    p = Path(output)
     p.mkdir(parents=True, exist_ok=True)
     if not (p / MARKER).is_file():
         from common.io import atomic_write_json

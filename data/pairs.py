@@ -15,6 +15,7 @@ index at the end (:func:`write_index`).
 from __future__ import annotations
 
 import csv
+import hashlib
 import datetime as _dt
 import io
 import os
@@ -340,3 +341,16 @@ class PairDatasetWriter:
 
     def abort(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def dataset_fingerprint(path: str | Path) -> str:
+    """sha256 over a pair dataset's index (dataset.json, metadata.csv) and the bytes of every image and mask, so
+    two datasets with the same ids but other pixels differ. Reads every file once (BUS-BRA at 64 px: ~0.2 s)."""
+    root = Path(path)
+    digest = hashlib.sha256()
+    for name in ("dataset.json", "metadata.csv"):
+        digest.update((root / name).read_bytes())
+    for row in read_metadata(root / "metadata.csv"):
+        for sub in ("images", "masks"):
+            digest.update(hashlib.sha256((root / sub / f"{row['id']}.png").read_bytes()).digest())
+    return digest.hexdigest()

@@ -13,7 +13,7 @@ are renormalised to sum 1, contrast-structure terms are clamped at 0 before the 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch

@@ -60,7 +60,7 @@ def one_line_refusal(res, *needles):
 # ---------------------------------------------------------------------------------------------- flags and presets
 @pytest.mark.parametrize("flags, needle", [
     (["--lr", "-1"], "must be > 0"), (["--lr", "nan"], "finite"), (["--ema_decay", "2"], "must be >= 0 and < 1"),
-    (["--channel_mult", "1,x"], "must be an integer"), (["--seed", "99999999999999999999"], "<= 2.147e+09"),
+    (["--channel_mult", "1,x"], "must be an integer"), (["--seed", "99999999999999999999"], "<= 2147483647"),
     (["--beta_start", "0.03"], "beta_start (0.03) must be below beta_end"), (["--img_size", "33"], "images are 16 px"),
     (["--learning_rate"], "expected one argument"), (["--cfg_dropout", "5"], "must be >= 0 and < 1"),
     (["--batch_size", "0"], "must be >= 1"), (["--device", "gpu7"], "device must be"),
@@ -99,7 +99,7 @@ def test_refused_resume_changes_nothing_and_other_data_is_refused(data, tmp_path
     with pytest.raises(UserError, match="cannot resume.*learning_rate"):
         train_medsegdiff.main(["--data_dir", data["a"], "--output_dir", str(out), "--max_steps", "4", *TINY,
                                "--lr", "5e-4"])
-    with pytest.raises(UserError, match="cannot resume.*dataset_json_sha256"):
+    with pytest.raises(UserError, match="cannot resume.*dataset_fingerprint"):
         train_medsegdiff.main(["--data_dir", data["b"], "--output_dir", str(out), "--max_steps", "4", *TINY])
     after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     assert after == before, "a refused resume rewrote " + ", ".join(k for k in after if after[k] != before.get(k))

@@ -22,7 +22,7 @@ from common.options import canonical_names, flat
 from common.precision import autocast
 from common.rundir import RunDir
 from common.visual import labelled_grid
-from data.pairs import LABELS, open_pair_dataset
+from data.pairs import LABELS, dataset_fingerprint, open_pair_dataset
 from models.denoisers import build_denoiser
 from models.diffusion import JointDiffusion, model_space_to_images
 from training.config import DIFFUSION_RESUMABLE, DiffusionTrainConfig
@@ -98,11 +98,13 @@ class DiffusionTrainer(Harness):
     def __init__(self, cfg: DiffusionTrainConfig, dist: DistInfo, device: torch.device, precision: str,
                  command: str = ""):
         cfg, ds = with_dataset_size(cfg)
-        fingerprint = sha256_file(ds.root / "dataset.json")
-        config = {**flat(cfg), "command": command, "dataset_json_sha256": fingerprint}
-        # runs saved before an option existed resume as if it had its default; one without a dataset
-        # fingerprint cannot be checked against the data (it is trusted)
-        defaults = {**flat(DiffusionTrainConfig()), "dataset_json_sha256": fingerprint}
+        fingerprint = dataset_fingerprint(ds.root)
+        config = {**flat(cfg), "command": command, "dataset_json_sha256": sha256_file(ds.root / "dataset.json"),
+                  "dataset_fingerprint": fingerprint}
+        # runs saved before an option existed resume as if it had its default; one without a content fingerprint
+        # is checked on its dataset.json hash only
+        defaults = {**flat(DiffusionTrainConfig()), "dataset_fingerprint": fingerprint,
+                    "dataset_json_sha256": config["dataset_json_sha256"]}
         super().__init__(cfg, config, dist, device, precision, DIFFUSION_RESUMABLE | {"command", "config"},
                          renamed=canonical_names(DiffusionTrainConfig), defaults=defaults)
         self.run = RunDir(cfg.run.output_dir, active=dist.is_main)
@@ -201,7 +203,7 @@ class DiffusionTrainer(Harness):
                 "img_size": self.cfg.img_size, "ema": self.ema.state_dict()["module"], "step": self.step,
                 "epoch": self.epoch, "best_val_loss": self.best, "config": self.config,
                 "train_cpu_s": self.train_cpu_s, "train_wall_s": self.train_wall_s,
-                "training_data": {"data_dir": self.cfg.data_dir, "dataset_json_sha256": self.config["dataset_json_sha256"],
+                "training_data": {"data_dir": self.cfg.data_dir, "dataset_fingerprint": self.config["dataset_fingerprint"],
                                   "n_train": len(self.train), "image_hashes": self.train_hashes}}
 
     def snapshot_payload(self) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import torch
 from common.distributed import cleanup, init_distributed
 from common.errors import UserError
 from common.options import flat
-from common.outputs import OutputLock, check_separate, check_writable
+from common.outputs import OutputLock, check_kind, check_separate, check_writable
 from common.precision import resolve_device, resolve_precision
 from models.denoisers import build_denoiser
 from models.diffusion import JointDiffusion
@@ -26,6 +26,7 @@ def start_training(cfg: DiffusionTrainConfig, command: str) -> dict[str, Any]:
     out = cfg.run.output_dir
     check_separate(out, {"--data_dir": cfg.data_dir})
     check_writable(out)
+    check_kind(out, "diffusion-run")
     dist = init_distributed(cfg.run.device)
     try:
         with OutputLock(out, active=dist.is_main):

@@ -11,7 +11,7 @@ import torch
 
 from common.errors import UserError
 from common.options import flat
-from common.outputs import OutputLock, check_separate, check_writable
+from common.outputs import OutputLock, check_kind, check_separate, check_writable
 from common.precision import resolve_device, resolve_precision
 from training.config import SegTrainConfig
 from training.seg_trainer import SegTrainer, class_names_for, open_training_dataset
@@ -37,6 +37,7 @@ def train_seeds(cfg: SegTrainConfig, seeds: Sequence[int], out_dirs: Sequence[st
         c.run.seed, c.run.output_dir = seed, out
         check_separate(out, {"--data_dir": cfg.data_dir, **{f"--test_data {t}": t for t in cfg.test_data}})
         check_writable(out)
+        check_kind(out, "segmentation-run")
         with OutputLock(out):
             result = SegTrainer(c, device, precision, dataset, command).fit()
         result["output_dir"] = out

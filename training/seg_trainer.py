@@ -24,7 +24,7 @@ from common.errors import UserError
 from common.io import sha256_file
 from common.options import canonical_names, flat
 from common.rundir import RunDir
-from data.pairs import LABELS, TUMOUR_LABELS, PairDataset, open_pair_dataset, read_metadata
+from data.pairs import LABELS, TUMOUR_LABELS, PairDataset, dataset_fingerprint, open_pair_dataset, read_metadata
 from metrics.seg_eval import RULES, THRESHOLD, evaluate_predictions, mean_lesion_dice, predict, write_per_image_csv
 from models.segmenters import build_segmenter, segmentation_loss, segmenter_spec
 from training.augment import augment
@@ -162,9 +162,11 @@ class SegTrainer(Harness):
             raise UserError(f"{cfg.data_dir}: images are {self.ds.img_size} px but --img_size is {cfg.img_size} "
                             f"(leave --img_size out, or prepare the data with --img_size {cfg.img_size})")
         cfg.img_size = self.ds.img_size
-        config = {**flat(cfg), "command": command, "dataset_json_sha256": dataset_fingerprint(cfg.data_dir)}
+        config = {**flat(cfg), "command": command, "dataset_json_sha256": dataset_json_sha256(cfg.data_dir),
+                  "dataset_fingerprint": dataset_fingerprint(cfg.data_dir)}
         super().__init__(cfg, config, DistInfo(), device, precision, SEG_RESUMABLE | {"command", "seeds", "config"},
-                         renamed=canonical_names(SegTrainConfig), defaults=flat(SegTrainConfig()))
+                         renamed=canonical_names(SegTrainConfig),
+                         defaults={**flat(SegTrainConfig()), "dataset_fingerprint": config["dataset_fingerprint"]})
         self.class_names = class_names_for(cfg.include_normal)
         self.rows = {sp: self.ds.select(split=sp, labels=self.class_names) for sp in ("train", "val", "test")}
         what = "benign/malignant" + ("/normal" if cfg.include_normal else "")
@@ -343,6 +345,7 @@ class SegTrainer(Harness):
             "dataset": {
                 "path": str(Path(c.data_dir).resolve()),
                 "dataset_json_sha256": self.config["dataset_json_sha256"],
+                "dataset_fingerprint": self.config["dataset_fingerprint"],
                 "command": info.get("command"), "n_pairs": info.get("n_pairs", len(self.ds)),
                 "counts": info.get("counts"),
                 "used": {sp: used_counts(self.rows[sp]) for sp in ("train", "val", "test")},
@@ -398,6 +401,6 @@ def summary_line(name: str, section: dict[str, Any]) -> str:
     return text
 
 
-def dataset_fingerprint(data_dir: str | Path) -> str:
+def dataset_json_sha256(data_dir: str | Path) -> str:
     path = Path(data_dir) / "dataset.json"
     return sha256_file(path) if path.is_file() else ""
