@@ -19,7 +19,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common.cli import make_parser, non_negative_int, parse_config, positive_int, print_config, run_main
+from common.cli import make_parser, parse_config, positive_int, print_config, run_main
+from common.options import bounded
 from common.errors import UserError
 from sampling.generation import (DEFAULT_GUIDANCE, DEFAULT_MAX_CANDIDATES_PER_SAMPLE, DEFAULT_MIN_LESION_AREA,
                             DEFAULT_SAMPLER)
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output_dir", default="./synthetic_busi",
                    help="output pair dataset; an existing folder of the same run is resumed/extended, any other "
                         "non-empty folder is refused")
-    g.add_argument("--num_samples_per_class", type=non_negative_int, default=None,
+    g.add_argument("--num_samples_per_class", type=bounded(int, 1, 10**7), default=None,
                    help=f"pairs to generate per class (default {DEFAULT_COUNT}%(default).0s; not with --balance_to)")
     g.add_argument("--classes", default="benign,malignant",
                    help="comma-separated classes to generate; each must be one the checkpoint was trained on "
@@ -71,10 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --balance_to: size of the balanced training split, real + synthetic "
                         "(total/2 per class; must be even and at least twice the larger real class)"
                         "%(default).0s")
-    g.add_argument("--min_lesion_area", type=non_negative_int, default=DEFAULT_MIN_LESION_AREA,
+    g.add_argument("--min_lesion_area", type=bounded(int, 0, 10**6), default=DEFAULT_MIN_LESION_AREA,
                    help="mask components smaller than this many pixels (at the checkpoint's image size) are "
                         "removed; a tumour sample left with an empty mask is rejected and replaced")
-    g.add_argument("--max_candidates_per_sample", type=positive_int, default=DEFAULT_MAX_CANDIDATES_PER_SAMPLE,
+    g.add_argument("--max_candidates_per_sample", type=bounded(int, 1, 10**4), default=DEFAULT_MAX_CANDIDATES_PER_SAMPLE,
                    help="give up on a class after this many candidates per requested pair (i.e. when rejections "
                         "are that frequent)")
     g = p.add_argument_group("controlled generation (mask-conditioned)")
@@ -95,15 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS,
                    help="diffusers scheduler: ddpm (ancestral, slow), ddim (deterministic), dpmsolver++ "
                         "(2nd-order multistep, fastest for its quality)")
-    g.add_argument("--steps", type=non_negative_int, default=0,
+    g.add_argument("--steps", type=bounded(int, 0, 10**5), default=0,
                    help="denoising steps; 0 = the sampler's default ("
                         + ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items()) + ")")
-    g.add_argument("--guidance_scale", type=float, default=DEFAULT_GUIDANCE,
+    g.add_argument("--guidance_scale", type=bounded(float, 0, 100), default=DEFAULT_GUIDANCE,
                    help="classifier-free guidance: 1 = none; larger = more class-typical, less diverse")
-    g.add_argument("--seed", type=non_negative_int, default=0,
+    g.add_argument("--seed", type=bounded(int, 0, 2**31 - 1), default=0,
                    help="base seed; pair j of class c uses seed + 1000003*c + j")
     g = p.add_argument_group("hardware")
-    g.add_argument("--batch_size", type=positive_int, default=16,
+    g.add_argument("--batch_size", type=bounded(int, 1, 4096), default=16,
                    help="samples drawn together per process (speed and memory only: the output does not "
                         "change). On the CPU the denoiser always runs on 16 rows (a sample is 2 rows with "
                         "guidance), so values below 8 save no time there")

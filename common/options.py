@@ -243,3 +243,17 @@ def flat(cfg) -> dict[str, Any]:
         elif _META in f.metadata:
             out[f.name] = list(v) if isinstance(v, (list, tuple)) else v
     return out
+
+
+def bounded(kind, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+            high_open: bool = False):
+    """An argparse ``type=`` for a plain flag with the same checks as :func:`option` (e.g. ``bounded(float, 0)``)."""
+    spec = Spec("", low=low, high=high, low_open=low_open, high_open=high_open)
+
+    def convert(text):
+        try:
+            return coerce(text, kind, spec)
+        except OptionError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    convert.__name__ = kind.__name__
+    return convert

@@ -33,7 +33,8 @@ from typing import Any, Callable
 import numpy as np
 
 from common.errors import UserError
-from common.io import sha256_file
+from common.io import pixel_hash, sha256_file
+from common.outputs import check_separate
 from data.pairs import LABELS, TUMOUR_LABELS, PairDataset, PairDatasetWriter, open_pair_dataset
 
 __all__ = ["CombinationPlan", "balance_counts", "plan_combination", "check_sources", "combine", "format_table",
@@ -174,6 +175,35 @@ def check_sources(real: PairDataset, syn: PairDataset) -> None:
         raise UserError(f"{real.root}: --real_data has no benign or malignant training pairs")
 
 
+def check_provenance(real: PairDataset, syn: PairDataset, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Refuse a synthetic set that has seen, by content, any validation or test pair of the real dataset: its
+    generator trained on one of those images (the real data was re-split, or is another split than the generator's),
+    or a pair was drawn for one of those masks (mask-conditioned generation). Returns what was checked."""
+    held = real.select(split=["val", "test"])
+    images, masks = real.load(held) if held else (np.zeros((0, 1, 1), np.uint8),) * 2
+    held_images = {pixel_hash(a): r["id"] for a, r in zip(images, held)}
+    held_masks = {pixel_hash((m > 0).astype(np.uint8)): r["id"] for m, r in zip(masks, held)}
+    training = syn.info.get("generator_training") or {}
+    checked = {"generator_training_images": None, "condition_masks": 0}
+    if training.get("image_hashes"):
+        seen = [held_images[h] for h in training["image_hashes"] if h in held_images]
+        if seen:
+            raise UserError(f"{syn.root}: its generator was trained on {len(seen)} image(s) that are in the val/test "
+                            f"splits of {real.root} (e.g. {seen[0]}); was the real data re-split after the generator "
+                            "was trained? Combine with the split the generator was trained on, or retrain it")
+        checked["generator_training_images"] = len(training["image_hashes"])
+    else:
+        log(f"warning: {syn.root} does not record what its generator was trained on (made by an earlier version): "
+            "leakage of val/test images through the generator cannot be checked")
+    shas = [(r["id"], r["condition_sha"]) for r in syn.rows if r.get("condition_sha")]
+    bad = [(pid, held_masks[h]) for pid, h in shas if h in held_masks]
+    if bad:
+        raise UserError(f"{syn.root}: {len(bad)} synthetic pair(s) were drawn for masks of the val/test splits of "
+                        f"{real.root} (e.g. {bad[0][0]} for {bad[0][1]}); condition on training masks only")
+    checked["condition_masks"] = len(shas)
+    return checked
+
+
 def _source_info(ds: PairDataset) -> dict[str, Any]:
     info = {"path": str(ds.root.resolve()), "dataset_json_sha256": sha256_file(ds.root / "dataset.json"),
             "command": ds.info.get("command"), "created": ds.info.get("created"), "n_pairs": len(ds),
@@ -235,16 +265,13 @@ def combine(real_dir: str | Path, synthetic_dir: str | Path, output_dir: str | P
             log: Callable[[str], None] = print) -> PairDataset:
     """Build the combined dataset (see the module docstring) and return it, opened."""
     real_dir, synthetic_dir, output_dir = Path(real_dir), Path(synthetic_dir), Path(output_dir)
-    out_r = output_dir.resolve()
-    for name, src in (("--real_data", real_dir), ("--synthetic_data", synthetic_dir)):
-        s = src.resolve()
-        if out_r == s or s in out_r.parents or out_r in s.parents:
-            raise UserError(f"--output_dir {output_dir} overlaps {name} {src}; write the combined dataset elsewhere")
+    check_separate(output_dir, {"--real_data": real_dir, "--synthetic_data": synthetic_dir})
     if not (max_synthetic_ratio >= 0):
         raise UserError(f"--max_synthetic_ratio must be >= 0 (or inf), got {max_synthetic_ratio}")
     real = open_pair_dataset(real_dir)
     syn = open_pair_dataset(synthetic_dir)
     check_sources(real, syn)
+    provenance = check_provenance(real, syn, log)
 
     real_train = {lab: len(real.select(split="train", labels=lab)) for lab in LABELS}
     syn_ids = {lab: [r["id"] for r in syn.select(labels=lab)] for lab in LABELS}
@@ -259,7 +286,8 @@ def combine(real_dir: str | Path, synthetic_dir: str | Path, output_dir: str | P
     if prefix:
         log(f"synthetic ids could collide with real ids or groups: prefixed with {prefix!r}")
 
-    with PairDatasetWriter(output_dir, real.img_size) as writer:
+    with PairDatasetWriter(output_dir, real.img_size,
+                           {"--real_data": real_dir, "--synthetic_data": synthetic_dir}) as writer:
         for r in real.rows:
             extra = {k: v for k, v in r.items() if k not in ("id", "label", "split", "source", "group")}
             writer.add_files(r["id"], real.image_path(r["id"]), real.mask_path(r["id"]), link=link,
@@ -270,6 +298,8 @@ def combine(real_dir: str | Path, synthetic_dir: str | Path, output_dir: str | P
             writer.add_files(prefix + r["id"], syn.image_path(r["id"]), syn.mask_path(r["id"]), link=link,
                              label=r["label"], split="train", source="synthetic", group=prefix + r["group"], **extra)
         _verify_heldout(real, writer.rows, writer.staging)
+        # every pair decodes as an 8-bit grayscale image and 0/255 mask of the right size (copies are not trusted)
+        writer.check_decodes([r for r in writer.rows if r["source"] == "synthetic"])
         before = {lab: real_train[lab] for lab in TUMOUR_LABELS}
         after = {lab: real_train[lab] + plan.selected[lab] for lab in TUMOUR_LABELS}
         extra_info = {"combined": {
@@ -282,6 +312,7 @@ def combine(real_dir: str | Path, synthetic_dir: str | Path, output_dir: str | P
             "train_tumour_share_before": dict(zip(TUMOUR_LABELS, tumour_share(before) or (None, None))),
             "train_tumour_share_after": dict(zip(TUMOUR_LABELS, tumour_share(after) or (None, None))),
             "heldout_verified": "val and test rows, ids and file bytes equal the real dataset's",
+            "provenance_checked": provenance,
             "warnings": plan.warnings,
         }}
         table = format_table(real.rows, writer.rows)

@@ -29,6 +29,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from common.errors import UserError
+from common.outputs import OutputLock, check_separate, check_writable, clean_stale, remove_tree
 from common.io import atomic_write_json, atomic_write_text, read_png_gray, write_png
 
 FORMAT_VERSION = 1
@@ -263,19 +264,22 @@ class PairDatasetWriter:
     if it is itself a pair dataset (or empty); anything else is refused rather than deleted.
     """
 
-    def __init__(self, output_dir: str | Path, img_size: int):
+    def __init__(self, output_dir: str | Path, img_size: int, inputs: dict[str, Any] | None = None):
         self.output_dir = Path(output_dir)
         self.img_size = int(img_size)
+        check_separate(self.output_dir, inputs or {})
+        check_writable(self.output_dir)
         if self.output_dir.exists():
             if not self.output_dir.is_dir():
                 raise DatasetError(f"{self.output_dir}: exists and is not a folder")
             if any(self.output_dir.iterdir()) and not is_pair_dataset(self.output_dir):
                 raise DatasetError(f"{self.output_dir}: exists, is not empty and is not a pair dataset; "
                                    "choose another --output_dir or remove it")
-        self.output_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.lock = OutputLock(self.output_dir).__enter__()   # held until commit / abort
+        clean_stale(self.output_dir)
         self.staging = self.output_dir.parent / f".{self.output_dir.name}.partial-{os.getpid()}"
         if self.staging.exists():
-            shutil.rmtree(self.staging)
+            remove_tree(self.staging)
         (self.staging / "images").mkdir(parents=True)
         (self.staging / "masks").mkdir()
         self.rows: list[dict[str, Any]] = []
@@ -327,6 +331,13 @@ class PairDatasetWriter:
                 shutil.copyfile(src, dst)
         return row
 
+    def check_decodes(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Decode the staged files of ``rows`` with every check :meth:`PairDataset.load` makes (8-bit, one channel,
+        the dataset's size, masks 0/255): copied or linked files are not trusted."""
+        staged = PairDataset(self.staging, {"img_size": self.img_size},
+                             [{k: str(v) for k, v in r.items()} for r in rows])
+        staged.load(staged.rows)
+
     def commit(self, command: str, extra_info: dict[str, Any] | None = None) -> PairDataset:
         """Write the index and move the finished dataset into ``output_dir`` (replacing an older one)."""
         write_index(self.staging, self.rows, self.img_size, command, extra_info)
@@ -336,11 +347,13 @@ class PairDatasetWriter:
             os.replace(self.output_dir, old)
         os.replace(self.staging, self.output_dir)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_tree(old)   # read-only leftovers too
+        self.lock.__exit__()
         return open_pair_dataset(self.output_dir, check_files=False)
 
     def abort(self) -> None:
-        shutil.rmtree(self.staging, ignore_errors=True)
+        remove_tree(self.staging)
+        self.lock.__exit__()
 
 
 def dataset_fingerprint(path: str | Path) -> str:

@@ -31,6 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from common.errors import UserError
+from common.io import pixel_hash
 from data.pairs import LABELS, is_pair_dataset, open_pair_dataset
 
 CONDITION_LABEL_MODES = ("same", "any")
@@ -148,6 +149,10 @@ def load_condition_masks(source: str | Path, img_size: int, classes: Sequence[st
         raise UserError(f"--condition_labels must be one of {', '.join(CONDITION_LABEL_MODES)}, got {label_mode}")
     src = Path(source)
     pool: list[tuple[str, str | None, np.ndarray]] = []
+    if src.name in ("masks", "images") and is_pair_dataset(src.parent):
+        raise UserError(f"--condition_masks {src}: this is the {src.name} folder of the pair dataset {src.parent}, "
+                        "which holds its validation and test masks too; pass the pair dataset itself "
+                        f"(--condition_masks {src.parent}): only its training split is used")
     if is_pair_dataset(src):
         ds = open_pair_dataset(src)
         rows = [r for r in ds.select(split="train") if r["label"] in LABELS]
@@ -198,9 +203,12 @@ class MaskConditionedSampler:
     def condition_mask(self, label: str, candidate: int, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
         from data.masks import clean_mask
         k = candidate % len(self.condition.ids[label])
-        mask, params = self.transform.apply(self.condition.masks[label][k], np.random.default_rng(int(seed)))
+        source = self.condition.masks[label][k]
+        mask, params = self.transform.apply(source, np.random.default_rng(int(seed)))
         cleaned, _ = clean_mask(mask, self.min_lesion_area)
-        return cleaned > 0, {"condition_id": self.condition.ids[label][k], "mask_transform": json.dumps(params)}
+        # the condition mask by content: create_combined_dataset.py refuses one that is a val/test mask
+        return cleaned > 0, {"condition_id": self.condition.ids[label][k], "mask_transform": json.dumps(params),
+                             "condition_sha": pixel_hash(source.astype(np.uint8))}
 
     def draw(self, class_indices: Sequence[int], seeds: Sequence[int], candidates: Sequence[int]
              ) -> tuple[np.ndarray, np.ndarray]:

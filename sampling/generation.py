@@ -37,6 +37,7 @@ import numpy as np
 
 from common.errors import UserError
 from common.io import atomic_write_json, read_png_gray, write_png
+from common.outputs import OutputLock, check_separate, check_writable
 from data.masks import clean_mask
 from data.pairs import LABELS, TUMOUR_LABELS, open_pair_dataset, write_index
 
@@ -391,8 +392,13 @@ def generate(req: GenerationRequest, after_batch: Callable[[int], None] | None =
     from models.diffusion import DEFAULT_STEPS
 
     t0 = time.time()
+    check_separate(req.output_dir, {"--checkpoint_path": req.checkpoint_path, "--condition_masks": req.condition_masks,
+                                    "--balance_to": req.extra.get("balance_to")})
+    check_writable(req.output_dir)
     dist = init_distributed(req.device)
+    lock = OutputLock(req.output_dir, active=dist.is_main)
     try:
+        lock.__enter__()
         device = resolve_device(req.device, dist.local_rank if dist.enabled else None)
         precision = resolve_precision(req.precision, device)
         if device.type == "cpu" and precision != "fp32":
@@ -446,6 +452,7 @@ def generate(req: GenerationRequest, after_batch: Callable[[int], None] | None =
         _barrier(dist)
         return summary
     finally:
+        lock.__exit__()
         cleanup()
 
 
@@ -589,7 +596,9 @@ def finalize(out: Path, req: GenerationRequest, ckpt: dict[str, Any], identity: 
             if len(previews[c]) < PREVIEW_PER_CLASS:
                 previews[c].append(pid)
     info = write_index(out, rows, identity["img_size"], req.command,
-                       {"generation": identity, "checkpoint_path": str(req.checkpoint_path)})
+                       {"generation": identity, "checkpoint_path": str(req.checkpoint_path),
+                        # what the generator was trained on, by content (create_combined_dataset.py checks it)
+                        "generator_training": ckpt.get("training_data")})
     _write_preview(out, previews, identity["img_size"])
     per_class = {}
     for c in req.classes:

@@ -156,7 +156,7 @@ def test_colliding_ids_are_prefixed(sets):
     ("syn_not_synthetic", "source is not synthetic"),
     ("real_has_synthetic", "holds .* synthetic pair"),
     ("not_dataset", "not a pair dataset"),
-    ("overlap", "overlaps --real_data"),
+    ("overlap", "same folder as --real_data"),
 ])
 def test_bad_input_one_line(sets, tmp_path, case, match):
     root, real, syn = sets
