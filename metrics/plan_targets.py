@@ -118,8 +118,9 @@ def score_gain(key: str, comparison: dict[str, Any] | None) -> dict[str, str]:
     v = ((comparison or {}).get("metrics") or {}).get(spec["metric"]) or {}
     base, diff = v.get("baseline"), v.get("mean_diff")
     if not v or "skipped" in v or base is None or diff is None or not math.isfinite(diff) or not base:
-        why = v.get("skipped") if v else "no primary comparison (baseline and real + synthetic runs)"
-        return _row(key, "not measured", "", why or "no value")
+        why = (v.get("skipped") or ("the baseline is 0: a relative gain is undefined" if base == 0 else "no value")
+               if v else "no primary comparison (baseline and real + synthetic runs)")
+        return _row(key, "not measured", "", why)
     rel, rlo, rhi = diff / base, v["ci_low"] / base, v["ci_high"] / base
     value = (f"{rel:+.1%} [{rlo:+.1%}, {rhi:+.1%}] relative ({spec['metric']} {base:.3f} -> {v['combined']:.3f}, "
              f"{diff:+.4f} [{v['ci_low']:+.4f}, {v['ci_high']:+.4f}])")

@@ -32,6 +32,14 @@ def test_quick_evidence_runs_every_phase(tmp_path):
         assert 0.0 <= arm["dice"]["ci_low"] <= arm["dice"]["mean"] <= arm["dice"]["ci_high"] <= 1.0
     assert s["best_non_synthetic_arm_by_validation_dice"] in ("real", "real_strong")
     assert len(s["comparisons"]) == 3
+    # issue 17's fields: per comparison ci_method, primary, p_holm and per-class Dice; a plan_targets table
+    assert s["primary_endpoint"]["comparison"] == f"synthetic - {s['best_non_synthetic_arm_by_validation_dice']}"
+    for comp in s["comparisons"].values():
+        assert "two-level bootstrap" in comp["ci_method"] and isinstance(comp["primary"], bool)
+        assert {"dice_malignant", "dice_benign", "hd95_malignant", "hd95_benign"} <= set(comp["metrics"])
+        assert all("p_holm" in v for v in comp["metrics"].values() if "skipped" not in v)
+    assert sum(c["primary"] for c in s["comparisons"].values()) == 1
+    assert len(s["plan_targets"]["rows"]) == 5 and "PRIMARY endpoint" in (res / "summary.txt").read_text()
     for name in ("report.html", "evaluation_metrics.json", "synthetic_preview.png", "real_samples.png",
                  "summary.txt", "BUSBRA_LICENSE.txt", "segmentation/synthetic_seed1_per_image_test.csv"):
         assert (res / name).is_file(), name

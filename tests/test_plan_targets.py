@@ -54,6 +54,8 @@ def test_plan_target_gains_and_balance_edges():
     assert _verdict(score_plan_targets(short, None), "balance")["verdict"] == "missed"
     near = {"benign": 1000, "malignant": int(1000 * (1 - 2 * BALANCE_TOLERANCE))}   # 50.25/49.75
     assert _verdict(score_plan_targets(short, None, training_counts=near), "balance")["verdict"] == "met"
+    zero = _verdict(score_plan_targets(None, _comparison(0.0, 0.0, 0.0, 0.0)), "dice_gain")
+    assert zero["verdict"] == "not measured" and "undefined" in zero["reason"]
     empty = score_plan_targets(None, None)
     assert [r["verdict"] for r in empty["rows"]] == ["not measured", "ill-posed", "not measured", "not measured",
                                                       "not measured"]
