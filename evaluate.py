@@ -151,7 +151,8 @@ def _generation(args, d, device) -> dict[str, Any]:
 
 
 def _downstream(args, d, device) -> dict[str, Any]:
-    from metrics.similarity import compare_runs, mask_alignment, predict_masks
+    from metrics.downstream import compare_runs, finalise_family
+    from metrics.similarity import mask_alignment, predict_masks
     from models.loading import load_segmenter
     out: dict[str, Any] = {}
     if args.baseline_run:
@@ -163,7 +164,10 @@ def _downstream(args, d, device) -> dict[str, Any]:
         pred = (np.mean(preds, axis=0) > 0.5).astype(np.uint8)
         out["alignment"] = mask_alignment(d["syn_masks"], pred, d["syn_labels"])
     if args.baseline_run and args.combined_run:
-        out["comparison"] = compare_runs(args.baseline_run, args.combined_run, seed=args.seed)
+        comp = compare_runs(args.baseline_run, args.combined_run, seed=args.seed)
+        if "metrics" in comp:   # tumour Dice is the primary endpoint; the other metrics are Holm-adjusted
+            out["multiplicity"] = finalise_family({"combined - baseline": comp}, "combined - baseline")
+        out["comparison"] = comp
     elif args.combined_run:
         out["comparison"] = {"skipped": "--combined_run needs --baseline_run to compare against"}
     return out
@@ -276,6 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         reasons = "; ".join(f"{k}: {metrics[k]['skipped']}" for k in metrics if isinstance(metrics[k], dict)
                             and "skipped" in metrics[k])
         raise UserError(f"no metric could be computed ({reasons or 'every stage was skipped with --skip'})")
+    from metrics.plan_targets import format_plan_targets, score_plan_targets
+    metrics["plan_targets"] = score_plan_targets(metrics, (metrics.get("downstream") or {}).get("comparison"))
     metrics["summary"] = R.summary_rows(metrics)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -291,6 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if outcomes:
         print()
         print(R.format_table(outcomes, R.OUTCOME_COLUMNS, last_width=80))
+    print()
+    print(format_plan_targets(metrics["plan_targets"]))
     for w in metrics["warnings"]:
         print(f"warning: {w}")
     print(f"\nwrote {out / 'metrics.json'} and {out / 'report.html'}")

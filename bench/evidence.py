@@ -15,9 +15,11 @@ Runs each phase as the plain command a user would type (printed before it starts
   evaluate     evaluate.py: FID/KID beside their real-vs-real floors, SSIM, morphology, memorisation, real vs
                real + synthetic with paired bootstrap CIs
 
-then summarises every arm (mean and 95% bootstrap CI over the test images, per-image values averaged over seeds)
-and compares each synthetic arm with the best non-synthetic arm, chosen on VALIDATION Dice (nothing is tuned on
-the test split). Tasks run --jobs at a time in dependency order, each with --threads_per_job CPU threads (the two
+then summarises every arm and compares each other arm with the best non-synthetic arm, chosen on VALIDATION Dice
+(nothing is tuned on the test split): 95% CIs from a two-level bootstrap over training seeds and test images, one
+primary endpoint (tumour Dice of the real + synthetic arm), Holm-adjusted p for everything else, per-class Dice and
+HD95, and the plan's targets scored (metrics/study.py, metrics/downstream.py, metrics/plan_targets.py).
+--reanalyse RESULTS_DIR redoes those statistics from a results folder's per-image CSVs. Tasks run --jobs at a time in dependency order, each with --threads_per_job CPU threads (the two
 real-data arms train while the diffusion model does). Rerunning resumes: every phase resumes on its own, and the
 prepared and combined datasets are kept when they exist (their content fingerprints are part of the runs).
 """
@@ -42,13 +44,12 @@ if str(ROOT) not in sys.path:
 from common.cli import csv_list, positive_int, run_main
 from common.errors import UserError  # noqa: E402
 
-ARMS = {  # name -> (uses synthetic data, --augment)
+ARMS = {  # name -> (uses synthetic data, --augment[, data regime: see arm_regime])
     "real": (False, "standard"),
     "real_strong": (False, "strong"),
     "synthetic": (True, "standard"),
     "synthetic_strong": (True, "strong"),
 }
-METRICS = ("dice", "iou", "hd95", "balanced_accuracy")
 QUICK = {  # a tiny budget that exercises every phase in about two minutes (tests/test_evidence.py)
     "img_size": 32,
     "diffusion": ["--model_channels", "16", "--channel_mult", "1,2", "--transformer_depth", "1", "--num_heads", "2",
@@ -90,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tiny budget (32 px, a few steps and epochs): checks that every phase runs, proves nothing")
     p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                    help="print the commands and exit")
+    p.add_argument("--reanalyse", metavar="RESULTS_DIR", default=None,
+                   help="instead of running: recompute the statistics of a results folder (e.g. results/busbra) "
+                        "from its segmentation/<arm>_seed<k>_per_image_test.csv files and write reanalysis.json "
+                        "and reanalysis.txt there, beside what its summary.json said")
     return p
 
 
@@ -189,47 +194,27 @@ def run_tasks(tasks: list[Task], jobs: int, threads: int, log_dir: Path) -> dict
 
 
 # ---------------------------------------------------------------------------------------------- summary
-def _bootstrap_mean(values, weights=None, n_boot: int = 10000, seed: int = 0) -> dict[str, float]:
-    import numpy as np
-    v = np.asarray(values, dtype=np.float64)
-    w = np.ones_like(v) if weights is None else np.asarray(weights, dtype=np.float64)
-    keep = np.isfinite(v)
-    v = v[keep] * w[keep]
-    if len(v) == 0:
-        return {"mean": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": 0}
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(axis=1)
-    lo, hi = np.quantile(means, [0.025, 0.975])
-    return {"mean": float(v.mean()), "ci_low": float(lo), "ci_high": float(hi), "n": int(len(v))}
+PRIMARY_ARM = "synthetic"   # the primary endpoint: its tumour Dice against the best non-synthetic arm, chosen on
+                            # validation Dice (metrics/study.py); every other comparison and metric is secondary
+
+
+def arm_regime(arm: str) -> str:
+    """The data regime of an arm: an optional third element of its ARMS entry (e.g. "25%"), else "full". Arms are
+    compared only with the best non-synthetic arm of their own regime."""
+    return str(ARMS[arm][2]) if len(ARMS[arm]) > 2 else "full"
 
 
 def arm_summary(run_dirs: list[Path]) -> dict[str, object]:
-    """Mean and 95% CI of each metric over the real test images (per-image values averaged over seeds)."""
-    import numpy as np
+    """Each metric of one arm with its two-level (seeds x images) bootstrap CI (metrics.study.arm_summary)."""
+    from metrics.study import arm_summary as summary
+    return summary(run_dirs)
 
-    from metrics.similarity import pool_runs
-    pooled = pool_runs(run_dirs)
-    labels = np.array([v["label"] for v in pooled.values()])
-    counts = {lab: int((labels == lab).sum()) for lab in set(labels)}
-    out: dict[str, object] = {"n_runs": len(run_dirs), "n_test_images": len(pooled)}
-    for name in METRICS:
-        if name == "balanced_accuracy":
-            weight = [len(labels) / (len(counts) * counts[lab]) for lab in labels]
-            out[name] = _bootstrap_mean([v["correct"] for v in pooled.values()], weight)
-        else:
-            out[name] = _bootstrap_mean([v[name] for v in pooled.values()])
-    # malignant detection in detail: sensitivity and specificity (per image, averaged over seeds) show whether a
-    # change moved the operating point; ROC AUC (each run's own, then averaged) whether it changed the discrimination
-    correct = np.array([v["correct"] for v in pooled.values()])
-    out["malignant_recall"] = _bootstrap_mean(correct[labels == "malignant"])
-    out["benign_specificity"] = _bootstrap_mean(correct[labels == "benign"])
-    runs = [json.loads((Path(d) / "metrics.json").read_text()) for d in run_dirs]
-    aucs = [a for a in ((m["test"].get("classification") or {}).get("auc_malignant") for m in runs) if a is not None]
-    out["malignant_auc"] = {"mean": float(np.mean(aucs)) if aucs else None, "per_seed": aucs}
-    vals = [m["best_val_dice"] for m in runs]
-    out["val_dice"] = {"mean": float(np.mean(vals)), "per_seed": vals}
-    out["test_dice_per_seed"] = [m["test"]["overall"]["dice"]["mean"] for m in runs]
-    return out
+
+def study_statistics(runs: dict[str, list], evaluation: dict | None) -> dict[str, object]:
+    """Arms, comparisons, primary endpoint, Holm-adjusted secondaries and plan targets (metrics/study.py)."""
+    from metrics.study import statistics
+    return statistics(runs, {a: ARMS[a][0] for a in runs}, {a: arm_regime(a) for a in runs}, PRIMARY_ARM,
+                      evaluation)
 
 
 def diffusion_history(run_dir: Path) -> dict[str, object]:
@@ -252,23 +237,15 @@ def diffusion_history(run_dir: Path) -> dict[str, object]:
 
 
 def summarise(args, tasks_seconds: dict[str, float]) -> dict[str, object]:
-    from metrics.similarity import compare_runs
     runs = Path(args.runs_dir)
-    dirs = {arm: [runs / f"seg_{arm}_seed{s}" for s in args.seeds] for arm in args.arms}
-    arms = {arm: arm_summary(d) for arm, d in dirs.items()}
-    non_syn = [a for a in arms if not ARMS[a][0]]
-    best = max(non_syn, key=lambda a: arms[a]["val_dice"]["mean"]) if non_syn else None
-    comparisons = {}
-    if best is not None:
-        for arm in arms:
-            if arm != best:
-                comparisons[f"{arm} - {best}"] = compare_runs(dirs[best], dirs[arm], seed=0)
+    ev = runs / "evaluation" / "metrics.json"
+    stats = study_statistics({arm: [runs / f"seg_{arm}_seed{s}" for s in args.seeds] for arm in args.arms},
+                             json.loads(ev.read_text()) if ev.is_file() else None)
     diffusion = json.loads((runs / "medsegdiff" / "config.json").read_text())
     history = diffusion_history(runs / "medsegdiff")
     return {
         "command": shlex.join(["python", "bench/evidence.py", *sys.argv[1:]]),
-        "quick": bool(args.quick), "seeds": args.seeds, "arms": arms,
-        "best_non_synthetic_arm_by_validation_dice": best, "comparisons": comparisons,
+        "quick": bool(args.quick), "seeds": args.seeds, **stats,
         "diffusion": {**history,
                       "config": {k: diffusion.get(k) for k in ("img_size", "batch_size", "max_steps", "lr",
                                                               "model_channels", "channel_mult", "prediction_type",
@@ -282,32 +259,24 @@ def summarise(args, tasks_seconds: dict[str, float]) -> dict[str, object]:
 
 
 def format_summary(s: dict[str, object]) -> str:
-    lines = [f"{'arm':<18} {'Dice':>22} {'IoU':>22} {'HD95 px':>20} {'bal. acc.':>22} {'val Dice':>9}"]
-    for arm, a in s["arms"].items():
-        cells = []
-        for name in METRICS:
-            v = a[name]
-            fmt = ".2f" if name == "hd95" else ".3f"
-            cells.append(f"{v['mean']:{fmt}} [{v['ci_low']:{fmt}}, {v['ci_high']:{fmt}}]")
-        lines.append(f"{arm:<18} {cells[0]:>22} {cells[1]:>22} {cells[2]:>20} {cells[3]:>22} "
-                     f"{a['val_dice']['mean']:>9.3f}")
-    for arm, a in s["arms"].items():
-        if "malignant_recall" in a:
-            r, sp, auc = a["malignant_recall"], a["benign_specificity"], a["malignant_auc"]["mean"]
-            lines.append(f"{arm:<18} malignant recall {r['mean']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}], "
-                         f"benign specificity {sp['mean']:.3f} [{sp['ci_low']:.3f}, {sp['ci_high']:.3f}], "
-                         f"ROC AUC {'n/a' if auc is None else f'{auc:.3f}'} (mean over seeds)")
-    lines.append(f"best non-synthetic arm by validation Dice: {s['best_non_synthetic_arm_by_validation_dice']}")
-    for name, comp in s["comparisons"].items():
-        if "metrics" not in comp:
-            lines.append(f"{name}: {comp.get('skipped')}")
-            continue
-        parts = []
-        for m, v in comp["metrics"].items():
-            if "mean_diff" in v:
-                parts.append(f"{m} {v['mean_diff']:+.3f} [{v['ci_low']:+.3f}, {v['ci_high']:+.3f}] p {v['p_value']:.2g}")
-        lines.append(f"{name}: " + "; ".join(parts))
-    return "\n".join(lines)
+    from metrics.study import format_statistics
+    return format_statistics(s)
+
+
+def reanalyse(results_dir: str) -> Path:
+    """--reanalyse: the statistics of a committed results folder recomputed from its per-image CSVs, beside its
+    summary.json; writes reanalysis.json and reanalysis.txt there and prints the text."""
+    from common.io import atomic_write_json, atomic_write_text
+    from metrics.study import format_reanalysis, reanalyse as redo
+    res = Path(results_dir)
+    r = redo(res, {a: v[0] for a, v in ARMS.items()}, {a: arm_regime(a) for a in ARMS}, PRIMARY_ARM)
+    r = {"command": shlex.join(["python", "bench/evidence.py", *sys.argv[1:]]), **r,
+         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    text = format_reanalysis(r)
+    atomic_write_json(res / "reanalysis.json", r)
+    atomic_write_text(res / "reanalysis.txt", text + "\n")
+    print(text)
+    return res
 
 
 def copy_results(args, summary: dict[str, object]) -> Path:
@@ -359,6 +328,10 @@ def _real_grid(work: Path, res: Path, size: int) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.reanalyse:
+        res = reanalyse(args.reanalyse)
+        print(f"\nwrote {res / 'reanalysis.json'} and {res / 'reanalysis.txt'}")
+        return 0
     unknown = [a for a in args.arms if a not in ARMS]
     if unknown:
         raise UserError(f"--arms: unknown arm(s) {', '.join(unknown)} (known: {', '.join(ARMS)})")

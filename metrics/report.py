@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
+from metrics.downstream import METRICS
 from metrics.morphology import FEATURES
 
 
@@ -74,8 +75,7 @@ def summary_rows(metrics: dict[str, Any]) -> list[dict[str, str]]:
     return rows
 
 
-_DOWNSTREAM_NAMES = {"dice": "Dice", "iou": "IoU", "hd95": "HD95 (px)", "balanced_accuracy": "balanced accuracy",
-                     "malignant_recall": "malignant recall", "benign_specificity": "benign recall"}
+_DOWNSTREAM_NAMES = {k: m.name for k, m in METRICS.items()}   # one name per quantity (metrics/downstream.py)
 
 
 def outcome_rows(metrics: dict[str, Any]) -> list[dict[str, str]]:
@@ -110,14 +110,17 @@ def outcome_rows(metrics: dict[str, Any]) -> list[dict[str, str]]:
                 rows.append({"result": _DOWNSTREAM_NAMES.get(key, key), "value": "unavailable",
                              "detail": v["skipped"]})
                 continue
-            fmt = ".2f" if key == "hd95" else ".3f"
+            fmt = ".2f" if key.startswith("hd95") else ".3f"
             rows.append({"result": f"{_DOWNSTREAM_NAMES.get(key, key)}: baseline -> combined",
                          "value": f"{v['baseline']:{fmt}} -> {v['combined']:{fmt}}",
                          "detail": f"{v['mean_diff']:+{fmt}} [{v['ci_low']:+{fmt}}, {v['ci_high']:+{fmt}}] 95% CI, "
-                                   f"p {v['p_value']:.2g} ({v['better']} is better)"})
+                                   f"p {v['p_value']:.2g}" + (" (primary)" if v.get("role") == "primary" else
+                                                              f", Holm p {v['p_holm']:.2g}" if "p_holm" in v else "")
+                                   + f" ({v['better']} is better)"})
         rows.append({"result": "downstream runs and test images", "value": "",
                      "detail": f"{comp['n_baseline_runs']} baseline + {comp['n_combined_runs']} combined run(s), "
-                               f"{comp['n_images']} real test images, paired bootstrap"})
+                               f"{comp['n_images']} real test images, "
+                               + comp.get("ci_method", "paired bootstrap").split(" (")[0]})
     return rows
 
 
@@ -239,7 +242,7 @@ def distribution_plot(values: dict[str, np.ndarray], title: str, xlabel: str) ->
 
 def downstream_plot(comparison: dict[str, Any]) -> bytes:
     plt = _plt()
-    names = [k for k, v in comparison.get("metrics", {}).items() if "mean_diff" in v]
+    names = [k for k, v in comparison.get("metrics", {}).items() if "mean_diff" in v and "skipped" not in v]
     fig, axes = plt.subplots(1, max(1, len(names)), figsize=(3 * max(1, len(names)), 2.6))
     axes = np.atleast_1d(axes)
     for ax, name in zip(axes, names):
@@ -372,7 +375,8 @@ def render_html(metrics: dict[str, Any], figures: dict[str, Any]) -> str:
                 rows = [{"metric": k, "baseline": f"{v['baseline']:.4f}", "combined": f"{v['combined']:.4f}",
                          "combined − baseline [95% CI]":
                              f"{v['mean_diff']:+.4f} [{v['ci_low']:+.4f}, {v['ci_high']:+.4f}]",
-                         "p": f"{v['p_value']:.3g}", "N": v["n"]} for k, v in blk["metrics"].items()
+                         "p": f"{v['p_value']:.3g}", "Holm p": "primary" if v.get("role") == "primary" else
+                         f"{v.get('p_holm', float('nan')):.3g}", "N": v["n"]} for k, v in blk["metrics"].items()
                         if "skipped" not in v]
                 parts.append(f"<h3>{title}</h3><p class='small'>{e(blk['note'])}</p>" + _table(rows, list(rows[0])))
         if figures.get("downstream"):

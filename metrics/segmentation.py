@@ -1,4 +1,4 @@
-"""Segmentation and lesion-classification metrics, and paired bootstrap confidence intervals.
+"""Segmentation and lesion-classification metrics.
 
 Rules (every number the project reports about a segmenter follows them):
 
@@ -18,9 +18,8 @@ Rules (every number the project reports about a segmenter follows them):
   Euclidean in pixels, from ``scipy.ndimage.distance_transform_edt``.
 * Class metrics: the confusion matrix has rows = true class, columns = predicted class; balanced accuracy
   is the mean recall over the classes that occur in ``y_true``.
-* :func:`paired_bootstrap_ci` works on paired per-image values ``a[i]``, ``b[i]`` (e.g. Dice of the
-  real+synthetic model vs the real-only model on the same test image); pairs where either is NaN are
-  dropped; the statistic is the mean of ``a - b``; the interval is the percentile bootstrap.
+* Comparisons between training arms (differences with confidence intervals and p-values) are not here:
+  they live in :mod:`metrics.downstream` (a two-level bootstrap over training seeds and test images).
 """
 
 from __future__ import annotations
@@ -40,7 +39,6 @@ __all__ = [
     "summarize",
     "confusion_matrix",
     "balanced_accuracy",
-    "paired_bootstrap_ci",
 ]
 
 _STATS = ("dice", "iou", "hd95")
@@ -231,38 +229,3 @@ def balanced_accuracy(y_true: Any, y_pred: Any, num_classes: int | None = None) 
     if not present.any():
         return float("nan")
     return float((np.diag(cm)[present] / support[present]).mean())
-
-
-def paired_bootstrap_ci(
-    a: Any, b: Any, n_boot: int = 10000, seed: int = 0, ci: float = 0.95, chunk: int = 1000
-) -> dict[str, float]:
-    """Percentile-bootstrap CI of the mean paired difference ``mean(a - b)``.
-
-    Pairs with a NaN on either side are dropped. Resamples image indices with replacement (``n_boot``
-    times, numpy ``default_rng(seed)``, vectorised in chunks of ``chunk`` resamples). Returns
-    ``{mean_diff, ci_low, ci_high, ci, n, n_boot, p_value}`` where ``p_value`` is the two-sided bootstrap
-    share of resampled means on the other side of zero (``2 min(P(<=0), P(>=0))``, capped at 1).
-    """
-    a = np.asarray(a, dtype=np.float64).ravel()
-    b = np.asarray(b, dtype=np.float64).ravel()
-    if a.shape != b.shape:
-        raise ValueError(f"paired samples must have equal length, got {a.size} and {b.size}")
-    if not 0.0 < ci < 1.0:
-        raise ValueError(f"ci must be in (0, 1), got {ci}")
-    keep = ~(np.isnan(a) | np.isnan(b))
-    d = a[keep] - b[keep]
-    n = len(d)
-    if n == 0:
-        raise ValueError("no paired values without NaN")
-    rng = np.random.default_rng(seed)
-    means = np.empty(n_boot)
-    for s in range(0, n_boot, chunk):
-        m = min(chunk, n_boot - s)
-        means[s:s + m] = d[rng.integers(0, n, size=(m, n))].mean(axis=1)
-    alpha = (1.0 - ci) / 2.0
-    lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
-    p = min(1.0, 2.0 * min((means <= 0).mean(), (means >= 0).mean()))
-    return {
-        "mean_diff": float(d.mean()), "ci_low": float(lo), "ci_high": float(hi), "ci": float(ci),
-        "n": int(n), "n_boot": int(n_boot), "p_value": float(p),
-    }

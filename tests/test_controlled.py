@@ -183,7 +183,7 @@ def test_diffusion_segmentation_writes_the_segmenter_schema(ckpt, pairs16, tmp_p
         u = read_png_gray(out / "uncertainty" / f"{pid}.png")
         assert u.shape == (16, 16) and u.max() <= 255
     # evaluate.py's paired comparison reads it like a train_segmentation.py run
-    from metrics.similarity import compare_runs
+    from metrics.downstream import compare_runs
     comp = compare_runs([out], [out])
     assert comp["n_images"] == len(test_ids) and comp["metrics"]["dice"]["mean_diff"] == 0.0
     with pytest.raises(UserError, match="needs --sampler ddim or ddpm"):

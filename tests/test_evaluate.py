@@ -5,6 +5,7 @@ import csv
 import contextlib
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -133,11 +134,20 @@ def test_end_to_end_metrics_and_report(run_outputs):
     printed = (out.parent / "printed.txt").read_text()
     assert "real vs real (floor)" in printed
     n_syn = m["inputs"]["n_synthetic"]
-    assert f"copies (NCC >= 0.95 to a train image)    {m['memorisation']['n_flagged']} of {n_syn}" in printed
+    assert re.search(rf"copies \(NCC >= 0\.95 to a train image\) +{m['memorisation']['n_flagged']} of {n_syn}", printed)
     for name in ("Dice", "IoU", "HD95 (px)", "balanced accuracy"):
         line = next(ln for ln in printed.splitlines() if ln.startswith(f"{name}: baseline -> combined"))
         assert "95% CI" in line and "p " in line
     assert f"{dice['baseline']:.3f} -> {dice['combined']:.3f}" in printed
+    # tumour Dice is the primary endpoint; the other metrics carry a Holm-adjusted p; the plan's targets are scored
+    assert dice["role"] == "primary" and comp["primary"] and "two-level bootstrap" in comp["ci_method"]
+    assert m["downstream"]["multiplicity"]["holm"]["m"] == sum(
+        1 for v in comp["metrics"].values() if "skipped" not in v) - 1
+    assert all(v["p_holm"] >= v["p_value"] for v in comp["metrics"].values() if "skipped" not in v)
+    assert comp["metrics"]["dice_malignant"]["n"] > 0 and "Holm p" in html
+    rows = {r["key"]: r for r in m["plan_targets"]["rows"]}
+    assert rows["ssim"]["verdict"] == "ill-posed" and rows["dice_gain"]["verdict"] in ("met", "missed")
+    assert "plan target" in printed and "(primary)" in printed and "Holm p" in printed
 
 
 def test_summary_printed(run_outputs, tmp_path_factory, capsys):

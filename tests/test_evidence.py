@@ -2,6 +2,7 @@
 combine, four segmentation arms x seeds, evaluation, summary) runs end to end on the committed 12-image BUS-BRA
 fixture at a tiny budget. Slow (about two minutes): run with `make test-slow`."""
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "busbra"
 sys.path.insert(0, str(ROOT / "bench"))
 import evidence  # noqa: E402
-from metrics.similarity import compare_runs  # noqa: E402
+from metrics.downstream import compare_runs  # noqa: E402
+from common.errors import UserError  # noqa: E402
 from metrics.seg_eval import auc as seg_auc  # noqa: E402
 
 
@@ -30,6 +32,14 @@ def test_quick_evidence_runs_every_phase(tmp_path):
         assert 0.0 <= arm["dice"]["ci_low"] <= arm["dice"]["mean"] <= arm["dice"]["ci_high"] <= 1.0
     assert s["best_non_synthetic_arm_by_validation_dice"] in ("real", "real_strong")
     assert len(s["comparisons"]) == 3
+    # issue 17's fields: per comparison ci_method, primary, p_holm and per-class Dice; a plan_targets table
+    assert s["primary_endpoint"]["comparison"] == f"synthetic - {s['best_non_synthetic_arm_by_validation_dice']}"
+    for comp in s["comparisons"].values():
+        assert "two-level bootstrap" in comp["ci_method"] and isinstance(comp["primary"], bool)
+        assert {"dice_malignant", "dice_benign", "hd95_malignant", "hd95_benign"} <= set(comp["metrics"])
+        assert all("p_holm" in v for v in comp["metrics"].values() if "skipped" not in v)
+    assert sum(c["primary"] for c in s["comparisons"].values()) == 1
+    assert len(s["plan_targets"]["rows"]) == 5 and "PRIMARY endpoint" in (res / "summary.txt").read_text()
     for name in ("report.html", "evaluation_metrics.json", "synthetic_preview.png", "real_samples.png",
                  "summary.txt", "BUSBRA_LICENSE.txt", "segmentation/synthetic_seed1_per_image_test.csv"):
         assert (res / name).is_file(), name
@@ -76,7 +86,7 @@ def _fake_run(folder: Path, labels, preds, probs, dice, val_dice=0.8):
 
 def test_arm_summary_class_rates_auc_and_paired_differences(tmp_path):
     """Malignant recall / benign specificity are the per-class hit rates, AUC is the Mann-Whitney statistic, and
-    the paired differences (metrics.similarity.compare_runs, as evaluate.py reports them) are arm minus baseline
+    the paired differences (metrics.downstream.compare_runs, as evaluate.py reports them) are arm minus baseline
     on the same images."""
     labels = ["malignant"] * 4 + ["benign"] * 6
     probs = [0.9, 0.8, 0.3, 0.6, 0.1, 0.2, 0.7, 0.4, 0.05, 0.35]
@@ -102,7 +112,10 @@ def test_arm_summary_without_one_class_does_not_crash(tmp_path):
     assert s["malignant_recall"]["n"] == 0 and s["malignant_recall"]["mean"] != s["malignant_recall"]["mean"]
     assert s["benign_specificity"]["mean"] == pytest.approx(2 / 3)
     assert s["malignant_auc"]["mean"] is None
-    assert "malignant_recall" not in compare_runs([tmp_path / "b"], [tmp_path / "b"])["metrics"]
+    diff = compare_runs([tmp_path / "b"], [tmp_path / "b"])["metrics"]
+    assert diff["malignant_recall"]["n"] == 0 and math.isnan(diff["malignant_recall"]["mean_diff"])
+    assert diff["dice_malignant"]["n"] == 0 and "skipped" in diff["dice_malignant"]
+    assert diff["benign_specificity"]["mean_diff"] == 0.0 and diff["dice_benign"]["n"] == 3
 
 
 def test_diffusion_history_over_resumed_invocations(tmp_path):
@@ -118,3 +131,80 @@ def test_diffusion_history_over_resumed_invocations(tmp_path):
     assert h["steps"] == 300 and h["resumes"] == 1
     assert h["train_wallclock_s"] == pytest.approx(100 * 1.5 + 100 * 1.5 + 100 * 1.0)
     assert h["img_per_s_median"] == pytest.approx(16 / 1.5)
+
+
+def _study(tmp_path, arms: dict[str, tuple[float, float]], seeds=(0, 1), results=False):
+    """Fake runs: arm -> (Dice level, validation Dice); 8 test images, 4 per class. With ``results`` they are laid
+    out like a results folder's segmentation/ copies instead of run folders."""
+    labels = ["malignant"] * 4 + ["benign"] * 4
+    runs = {}
+    for k, (arm, (level, val)) in enumerate(arms.items()):
+        for s in seeds:
+            dice = [round(level + 0.01 * ((i * 7 + s * 3 + k) % 5), 4) for i in range(8)]
+            preds = [lab if (i + s + k) % 3 else "benign" for i, lab in enumerate(labels)]
+            _fake_run(tmp_path / f"seg_{arm}_seed{s}", labels, preds, [0.5] * 8, dice, val_dice=val)
+            runs.setdefault(arm, []).append(tmp_path / f"seg_{arm}_seed{s}")
+            if results:
+                seg = tmp_path / "res" / "segmentation"
+                seg.mkdir(parents=True, exist_ok=True)
+                for f in ("per_image_test.csv", "metrics.json"):
+                    (seg / f"{arm}_seed{s}_{f}").write_bytes((tmp_path / f"seg_{arm}_seed{s}" / f).read_bytes())
+    return runs
+
+
+def test_study_primary_endpoint_holm_and_per_class(tmp_path):
+    from metrics.study import format_statistics, statistics
+    runs = _study(tmp_path, {"real": (0.80, 0.85), "real_strong": (0.78, 0.86), "synthetic": (0.82, 0.84),
+                             "synthetic_strong": (0.81, 0.83)})
+    s = statistics(runs, {a: evidence.ARMS[a][0] for a in runs}, None, "synthetic", None)
+    assert s["best_non_synthetic_arm_by_validation_dice"] == "real_strong"      # chosen on validation, not test
+    assert set(s["comparisons"]) == {"real - real_strong", "synthetic - real_strong", "synthetic_strong - real_strong"}
+    primary = s["comparisons"]["synthetic - real_strong"]
+    assert primary["primary"] and primary["metrics"]["dice"]["role"] == "primary"
+    assert s["primary_endpoint"]["comparison"] == "synthetic - real_strong"
+    assert "two-level bootstrap" in primary["ci_method"]
+    n_secondary = sum(1 for c in s["comparisons"].values() for m, v in c["metrics"].items()
+                      if "skipped" not in v and v["role"] == "secondary")
+    assert s["multiplicity"]["m"] == n_secondary == 3 * 10 - 1
+    for comp in s["comparisons"].values():
+        for name in ("dice_malignant", "dice_benign", "hd95_malignant", "hd95_benign"):
+            v = comp["metrics"][name]
+            assert v["n"] == 4 and v["p_holm"] >= v["p_value"]
+    assert s["arms"]["real"]["dice_malignant"]["n"] == 4 and len(s["arms"]["real"]["dice"]["per_seed"]) == 2
+    assert [r["key"] for r in s["plan_targets"]["rows"]] == ["fid", "ssim", "dice_gain", "malignant_gain", "balance"]
+    text = format_statistics(s)
+    assert "PRIMARY endpoint: Dice, synthetic - real_strong" in text and "p_holm" in text and "plan target" in text
+
+
+def test_study_compares_within_a_regime(tmp_path):
+    from metrics.study import statistics
+    runs = _study(tmp_path, {"real": (0.80, 0.85), "synthetic": (0.82, 0.84), "real_25": (0.70, 0.75),
+                             "synthetic_25": (0.74, 0.76)}, seeds=(0,))
+    syn = {"real": False, "synthetic": True, "real_25": False, "synthetic_25": True}
+    s = statistics(runs, syn, {"real_25": "25%", "synthetic_25": "25%"}, "synthetic", None)
+    assert set(s["comparisons"]) == {"synthetic - real", "synthetic_25 - real_25"}
+    assert s["best_non_synthetic_arm_by_regime"] == {"full": "real", "25%": "real_25"}
+    assert "NOT in the interval" in s["comparisons"]["synthetic_25 - real_25"]["ci_method"]   # one seed
+
+
+def test_reanalyse_a_results_folder(tmp_path, capsys):
+    _study(tmp_path, {"real": (0.80, 0.85), "synthetic": (0.82, 0.84)}, results=True)
+    res = tmp_path / "res"
+    old = {"comparisons": {"synthetic - real": {"metrics": {"dice": {"mean_diff": 0.02, "ci_low": 0.015,
+                                                                     "ci_high": 0.025, "p_value": 0.001}}}}}
+    (res / "summary.json").write_text(json.dumps(old))
+    assert evidence.main(["--reanalyse", str(res)]) == 0
+    r = json.loads((res / "reanalysis.json").read_text())
+    row = next(x for x in r["old_vs_new"] if x["comparison"] == "synthetic - real" and x["metric"] == "dice")
+    assert row["old"]["ci_low"] == 0.015 and row["role"] == "primary"
+    assert row["two_level"]["ci_low"] <= row["estimate"] <= row["two_level"]["ci_high"]
+    assert row["image_only"]["ci_high"] - row["image_only"]["ci_low"] <= (row["two_level"]["ci_high"]
+                                                                           - row["two_level"]["ci_low"]) + 1e-12
+    assert next(x for x in r["old_vs_new"] if x["metric"] == "dice_malignant")["old"] is None
+    assert r["primary_endpoint"]["comparison"] == "synthetic - real" and len(r["runs"]["real"]) == 2
+    assert "old (summary.json)" in (res / "reanalysis.txt").read_text() and "PRIMARY" in capsys.readouterr().out
+    (res / "segmentation" / "mystery_seed0_per_image_test.csv").write_text("id\n")
+    with pytest.raises(UserError, match="unknown arm 'mystery'"):
+        evidence.main(["--reanalyse", str(res)])
+    with pytest.raises(UserError, match="no <arm>_seed<k>_per_image_test.csv"):
+        evidence.main(["--reanalyse", str(tmp_path / "empty")])

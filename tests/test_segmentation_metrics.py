@@ -15,7 +15,6 @@ from metrics.segmentation import (
     dice_iou,
     false_positive,
     hd95,
-    paired_bootstrap_ci,
     segmentation_records,
     summarize,
 )
@@ -149,27 +148,3 @@ def test_confusion_and_balanced_accuracy():
     assert balanced_accuracy([0, 1, 1], [2, 1, 1], num_classes=3) == pytest.approx(0.5)
     with pytest.raises(ValueError):
         confusion_matrix([0, 3], [0, 1], num_classes=2)
-
-
-def test_paired_bootstrap_ci():
-    rng = np.random.default_rng(1)
-    true_diff = 0.05
-
-    def sample(n):
-        b = rng.uniform(0.5, 0.9, n)
-        return b + true_diff + rng.normal(0, 0.1, n), b
-
-    a_small, b_small = sample(50)
-    a_big, b_big = sample(800)
-    small = paired_bootstrap_ci(a_small, b_small, n_boot=4000)
-    big = paired_bootstrap_ci(a_big, b_big, n_boot=4000)
-    for r in (small, big):
-        assert r["ci_low"] <= true_diff <= r["ci_high"]
-        assert r["ci_low"] <= r["mean_diff"] <= r["ci_high"]
-    assert big["ci_high"] - big["ci_low"] < 0.5 * (small["ci_high"] - small["ci_low"])
-    assert big["p_value"] < 0.01
-    # deterministic given the seed, NaN pairs dropped, a constant difference gives a point interval
-    assert paired_bootstrap_ci(a_small, b_small, n_boot=500, seed=3) == paired_bootstrap_ci(
-        a_small, b_small, n_boot=500, seed=3)
-    r = paired_bootstrap_ci([1.0, 2.0, np.nan, 4.0], [0.5, 1.5, 0.0, 3.5], n_boot=200)
-    assert r["n"] == 3 and r["mean_diff"] == r["ci_low"] == r["ci_high"] == pytest.approx(0.5)
