@@ -6,7 +6,6 @@ Writes metrics.json and a self-contained report.html to --output_dir and prints 
 from __future__ import annotations
 
 import datetime as _dt
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
