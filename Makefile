@@ -52,10 +52,11 @@ bench: $(STAMP)
 	$(PY) bench/run.py
 
 # ---------------------------------------------------------------------------------------------- evidence
-# The whole recipe on BUS-BRA (../shared/datasets/BUSBRA, or BUSBRA=/path/to/BUSBRA): four segmentation arms x 3
+# The whole recipe on BUS-BRA (make evidence BUSBRA=/path/to/BUSBRA, the folder of the Zenodo download): arms x 3
 # seeds, the answer in results/busbra/ (README "Results on real ultrasound"). ~5 h on 2 CPU cores.
-BUSBRA ?= ../shared/datasets/BUSBRA
+BUSBRA ?=
 evidence: $(STAMP)
+	@test -n "$(BUSBRA)" || { echo "make evidence needs BUSBRA=/path/to/BUSBRA (the BUS-BRA download)"; exit 2; }
 	$(PY) bench/evidence.py --input_dir $(BUSBRA)
 
 clean-demo:

@@ -72,7 +72,7 @@ class Task:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input_dir", default=str(ROOT.parent / "shared" / "datasets" / "BUSBRA"),
+    p.add_argument("--input_dir", default=os.environ.get("BUSBRA", "BUSBRA"),
                    help="the BUS-BRA folder (Images/, Masks/, bus_data.csv, 5-fold-cv.csv)")
     p.add_argument("--work_dir", default="data/evidence", help="prepared, synthetic and combined pair datasets")
     p.add_argument("--runs_dir", default="checkpoints/evidence", help="training runs, logs and the evaluation")

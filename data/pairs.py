@@ -1,6 +1,6 @@
 """The pair dataset: the one on-disk format every phase reads and writes (real, synthetic, combined).
 
-Layout (DESIGN.md, "Contracts")::
+Layout (docs/architecture.md, "The pair dataset")::
 
     <dir>/images/<id>.png    8-bit grayscale, img_size x img_size
     <dir>/masks/<id>.png     8-bit, values 0 or 255, same size
