@@ -13,7 +13,8 @@ import sys
 from common.cli import parse_config, run_main
 from common.errors import UserError
 from common.options import build
-from training.config import DiffusionTrainConfig, options_parser
+from common.cli import options_parser
+from training.config import DiffusionTrainConfig
 
 EPILOG = """examples:
   # the plan's command (BUSI at 256 px on a GPU; preset: configs/busi256.yaml)

@@ -16,7 +16,8 @@ from typing import Sequence
 from common.cli import csv_list, parse_config, run_main
 from common.errors import UserError
 from common.options import build
-from training.config import SegTrainConfig, options_parser
+from common.cli import options_parser
+from training.config import SegTrainConfig
 
 EPILOG = """examples:
   # the plan's command (BUSI + synthetic pairs, MADGNet with ImageNet weights, GPU)

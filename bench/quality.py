@@ -414,7 +414,8 @@ def evaluate(args, s: Setup, recipes: Sequence[str], budgets: Sequence[float]) -
 # ---------------------------------------------------------------------------------------------- report
 def recipe_step_flops(s: Setup, recipe: str) -> int:
     """FLOPs of one training step of a recipe at the benchmark's image size (training.plan.step_flops)."""
-    from training.config import DiffusionTrainConfig, config_from_flags
+    from common.cli import config_from_flags
+    from training.config import DiffusionTrainConfig
     from training.plan import step_flops
     cfg = config_from_flags(DiffusionTrainConfig, ["--config", str(ROOT / PRESET), *s.recipe_flags(recipe),
                                                    "--img_size", "32" if s.quick else "64"])

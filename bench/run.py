@@ -78,7 +78,8 @@ def matmul_peak(device, dtype) -> float:
 # ---------------------------------------------------------------------------------------------- models
 def preset_config(preset: Path, *flags: str):
     """train_medsegdiff.py's configuration for ``--config preset`` plus ``flags`` (built without the script)."""
-    from training.config import DiffusionTrainConfig, config_from_flags
+    from common.cli import config_from_flags
+    from training.config import DiffusionTrainConfig
     return config_from_flags(DiffusionTrainConfig, ["--config", str(preset), *flags])
 
 

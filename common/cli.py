@@ -177,3 +177,22 @@ def fraction(text: str) -> float:
 
 def csv_list(text: str) -> list[str]:
     return [part.strip() for part in str(text).split(",") if part.strip()]
+
+
+def options_parser(cls, description: str = "", epilog: str | None = None, groups: dict[str, str] | None = None):
+    """A parser with --config, --dry-run and every option of the config dataclass ``cls`` (common.options)."""
+    from common.options import add_options
+    parser = make_parser(description, epilog)
+    add_options(parser, cls, groups)
+    return parser
+
+
+def config_from_flags(cls, argv: Sequence[str]):
+    """A ``cls`` config from script-style flags (``--config PRESET`` first, then flags), as the script would build
+    it: for code that needs a config without running a script (the benchmarks, tests)."""
+    from common.options import build
+    args = parse_config(options_parser(cls), list(argv))
+    try:
+        return build(cls, vars(args))
+    except ValueError as exc:
+        raise UserError(f"configuration: {exc}") from None

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from models.denoisers import build_denoiser
-from training.config import DiffusionTrainConfig, SegTrainConfig, config_from_flags
+from common.cli import config_from_flags
+from training.config import DiffusionTrainConfig, SegTrainConfig
 from training.diffusion_trainer import denoiser_kwargs
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))

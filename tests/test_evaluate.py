@@ -19,7 +19,6 @@ import evaluate
 from models import loading
 from common.errors import UserError
 from data.pairs import open_pair_dataset
-from metrics import similarity
 from common.checkpoint import save_checkpoint
 from test_generation_metrics import draw_pairs, shared_data, write_pairs
 

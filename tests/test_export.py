@@ -18,7 +18,6 @@ import export_model
 import generate_synthetic
 from common.checkpoint import load_checkpoint, save_checkpoint
 from common.cli import run_main
-from common.errors import UserError
 from models.diffusion import DiffusionConfig, model_space_to_images
 from models.hub import (INFO_FILE, JointDenoiser, JointImageMaskPipeline, export_fingerprint,
                         pipeline_from_checkpoint, save_export)

@@ -216,26 +216,3 @@ class SegTrainConfig:
 
 
 SEG_RESUMABLE = RUN_LENGTH_KEYS | {"data_dir", "test_data", "eval_batch_size", "val_every", "stop_after_epochs"}
-
-
-# ---------------------------------------------------------------------------------------------- building configs
-def options_parser(cls, description: str = "", epilog: str | None = None, groups: dict[str, str] | None = None):
-    """A parser with --config, --dry-run and every option of the config dataclass ``cls``."""
-    from common.cli import make_parser
-    from common.options import add_options
-    parser = make_parser(description, epilog)
-    add_options(parser, cls, groups)
-    return parser
-
-
-def config_from_flags(cls, argv):
-    """A ``cls`` config from script-style flags (``--config PRESET`` first, then flags), as the script would build
-    it: for code that needs a config without running a script (the benchmarks, tests)."""
-    from common.cli import parse_config
-    from common.errors import UserError
-    from common.options import build
-    args = parse_config(options_parser(cls), list(argv))
-    try:
-        return build(cls, vars(args))
-    except ValueError as exc:
-        raise UserError(f"configuration: {exc}") from None
