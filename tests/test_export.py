@@ -151,7 +151,7 @@ def test_generic_diffusion_pipeline_with_custom_pipeline(folder, tmp_path):
     """DiffusionPipeline.from_pretrained(folder, custom_pipeline=..., trust_remote_code=True): diffusers' own entry
     point, through the shim in the folder (its module cache in a temporary HF_HOME)."""
     code = ("import sys; from diffusers import DiffusionPipeline; "
-            f"p = DiffusionPipeline.from_pretrained(sys.argv[1], custom_pipeline='pipeline_busdiff', "
+            "p = DiffusionPipeline.from_pretrained(sys.argv[1], custom_pipeline='pipeline_busdiff', "
             "trust_remote_code=True); p.set_progress_bar_config(disable=True); "
             "o = p(class_labels='malignant', num_inference_steps=2); print(type(p).__name__, o.images.shape)")
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
