@@ -5,13 +5,15 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.requirements-installed
 
-.PHONY: demo test test-slow bench evidence clean-demo help
+.PHONY: demo test test-slow bench bench-quality gpu-check evidence clean-demo help
 
 help:
 	@echo "make demo       run every phase on a generated phantom at 64 px (CPU, ~11 min)"
 	@echo "make test       the fast CPU test suite"
 	@echo "make test-slow  also the slow end-to-end tests"
 	@echo "make bench      performance benchmarks against peers (bench/)"
+	@echo "make bench-quality  time to realism: generator recipes on BUS-BRA at 64 px (BUSBRA=/path; hours)"
+	@echo "make gpu-check  every phase at 256 px in bf16 on a CUDA GPU, a few minutes (bench/gpu_check.json)"
 	@echo "make evidence   the whole recipe on BUS-BRA, results in results/busbra/ (CPU: ~5 h)"
 
 $(STAMP): requirements.txt
@@ -50,6 +52,17 @@ demo: $(STAMP)
 # Ratios against peers measured in the same run; writes bench/results.json (README "Performance"). ~13 min on CPU.
 bench: $(STAMP)
 	$(PY) bench/run.py
+
+# Time to realism (bench/quality.py): each recipe trains side by side on a CPU-minute budget, then KID beside the
+# real-vs-real floor at N=500. The recipes, budgets and phases are flags; see python bench/quality.py --help.
+QUALITY_RECIPES ?= current,peer
+QUALITY_BUDGETS ?= 15,30,60
+bench-quality: $(STAMP)
+	@test -n "$(BUSBRA)" -o -f data/quality/busbra64/dataset.json || { echo "make bench-quality needs BUSBRA=/path/to/BUSBRA"; exit 2; }
+	$(PY) bench/quality.py $(if $(BUSBRA),--input_dir $(BUSBRA)) --recipes $(QUALITY_RECIPES) --budgets $(QUALITY_BUDGETS)
+
+gpu-check: $(STAMP)
+	$(PY) bench/gpu_check.py
 
 # ---------------------------------------------------------------------------------------------- evidence
 # The whole recipe on BUS-BRA (make evidence BUSBRA=/path/to/BUSBRA, the folder of the Zenodo download): arms x 3

@@ -26,12 +26,14 @@ def test_quick_evidence_runs_every_phase(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     s = json.loads((res / "summary.json").read_text())
-    assert set(s["arms"]) == {"real", "real_strong", "synthetic", "synthetic_strong"}
+    assert set(s["arms"]) == {"real", "real_strong", "synthetic", "synthetic_strong", "conditioned", "real50",
+                              "real50_strong", "real50_synthetic"}
+    assert s["arm_definitions"]["real50_synthetic"]["regime"] == "50%"
     for arm in s["arms"].values():
         assert arm["n_runs"] == 2 and arm["n_test_images"] == 4      # the fixture's official test fold
         assert 0.0 <= arm["dice"]["ci_low"] <= arm["dice"]["mean"] <= arm["dice"]["ci_high"] <= 1.0
     assert s["best_non_synthetic_arm_by_validation_dice"] in ("real", "real_strong")
-    assert len(s["comparisons"]) == 3
+    assert len(s["comparisons"]) == 6     # 4 full-data arms and 2 half-data arms against their regime's best
     # issue 17's fields: per comparison ci_method, primary, p_holm and per-class Dice; a plan_targets table
     assert s["primary_endpoint"]["comparison"] == f"synthetic - {s['best_non_synthetic_arm_by_validation_dice']}"
     for comp in s["comparisons"].values():
