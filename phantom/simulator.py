@@ -31,10 +31,14 @@ File layout and quirks (``quirks=True``, the default; see REFERENCE.md, BUSI)::
   covering a separate further lesion, so that the full lesion is the OR of all masks; at least one extra mask
   is RGBA (like ``benign (4)_mask_1``);
 * one cross-label pixel-identical duplicate (an image saved as malignant and as benign, like
-  ``malignant (145)`` == ``benign (433)``) and a couple of same-label duplicates under different numbers.
+  ``malignant (145)`` == ``benign (433)``) and a couple of same-label duplicates under different numbers;
+* near-duplicates (from 50 cases, :mod:`phantom.copies`): one case in 20 is a copy of another case of its class
+  saved again cropped, shifted, with other overlays, rescaled or JPEG re-encoded, and one in 300 (at least 2) a
+  copy of a case of the other tumour class (like ``benign (399)`` / ``malignant (93)``); ``phantom.json`` lists
+  them under ``near_duplicates``.
 
 With ``quirks=False`` the files are plain: 8-bit grayscale ('L') images, 8-bit 0/255 grayscale masks for every
-class, one lesion and one mask per image, no colour, no duplicates (burned-in overlays are image content and
+class, one lesion and one mask per image, no colour, no duplicates or near-duplicates (burned-in overlays are image content and
 stay).
 
 The dataset is written to ``Dataset_BUSI_with_GT.partial`` and renamed when complete; ``phantom.json`` beside it
@@ -59,6 +63,7 @@ from PIL import Image
 
 from common.errors import UserError
 from common.io import atomic_write_json
+from phantom.copies import plan_near_duplicates, resave
 
 BUSI_ROOT = "Dataset_BUSI_with_GT"
 CLASSES = ("benign", "malignant", "normal")
@@ -66,7 +71,6 @@ BUSI_RATIO = (437, 210, 133)
 WIDTH_RANGE = (190, 1048)
 HEIGHT_RANGE = (310, 719)
 PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 1]
-NEAR_VARIANTS = ("crop", "shift", "overlay", "scale", "jpeg")
 _PLAN_KEY = 7  # spawn key of the dataset-level RNG (case keys are (class index, number) pairs)
 F32 = np.float32
 
@@ -615,74 +619,10 @@ def _plan(seed, counts, quirks):
     for j in sorted(rng.choice(len(pool), size=min(n_col, len(pool)), replace=False)):
         tasks[pool[int(j)]]["colour"] = True
     if n >= 50 and counts["benign"] >= 6 and counts["malignant"] >= 6:
-        _plan_near_duplicates(rng, tasks, counts, taken | set(extra))
+        plan_near_duplicates(rng, tasks, counts, taken | set(extra), CLASSES)
     for _, _, key in duplicates:
         tasks[key] = None        # not rendered: copied from its source
     return tasks, duplicates
-
-
-def _plan_near_duplicates(rng, tasks, counts, taken):
-    """Turn some planned cases into re-saved copies of another case (BUSI holds about 235 duplicated images of 780,
-    Pawłowska et al. 2023): one case in 20 copies a case of its own class, and one in 300 (at least 2) copies a
-    case of the other tumour class, the variants in NEAR_VARIANTS order. A copy's task gets ``copy_of`` (the
-    source key), ``variant``, its parameters and ``cross_label``; sources and copies are plain one-lesion grey
-    cases that are no other quirk's."""
-    free = {c: [k for k in tasks if k[0] == c and k not in taken and not tasks[k]["colour"]] for c in CLASSES}
-    for c in CLASSES:
-        free[c] = [free[c][int(i)] for i in rng.permutation(len(free[c]))]
-    n = sum(counts.values())
-    plans = [(c, c) for c in rng.choice(CLASSES, size=max(len(NEAR_VARIANTS), int(round(n / 20))),
-                                         p=np.array([counts[c] for c in CLASSES]) / n)]
-    plans += [(("benign", "malignant") if k % 2 else ("malignant", "benign")) for k in range(max(2, round(n / 300)))]
-    for k, (src_label, dst_label) in enumerate(plans):
-        if len(free[src_label]) < 1 + (src_label == dst_label) or not free[dst_label]:
-            continue
-        src, dst = free[src_label].pop(), free[dst_label].pop()
-        variant = NEAR_VARIANTS[k % len(NEAR_VARIANTS)]
-        if variant == "crop":
-            params = [float(v) for v in rng.uniform(0.02, 0.09, 4) * (rng.random(4) < 0.7)]
-        elif variant == "shift":
-            params = [float(v) for v in rng.uniform(0.02, 0.06, 2) * rng.choice([-1, 1], 2)]
-        elif variant == "scale":
-            params = float(rng.uniform(0.72, 0.88) if rng.random() < 0.5 else rng.uniform(1.12, 1.3))
-        elif variant == "jpeg":
-            params = int(rng.integers(60, 91))
-        else:
-            params = None
-        tasks[dst] = {**tasks[dst], "copy_of": src, "variant": variant, "params": params,
-                      "cross_label": src_label != dst_label}
-
-
-def _resave(image, masks, variant, params):
-    """A re-saved copy of a capture (RGB, grey replicated) and its masks: ``crop`` (fractions off top, bottom,
-    left, right), ``shift`` (the content moved by fractions of the height and width, the rest black), ``scale``
-    (a factor; sizes kept within BUSI's range), ``jpeg`` (re-encoded at a quality, stored as PNG again)."""
-    h, w = image.shape[:2]
-    if variant == "crop":
-        t, b, l, r = params
-        fy = min(1.0, (h - HEIGHT_RANGE[0]) / max(1, (t + b) * h))       # keep the size within BUSI's range
-        fx = min(1.0, (w - WIDTH_RANGE[0]) / max(1, (l + r) * w))
-        t, b, l, r = int(t * fy * h), int(b * fy * h), int(l * fx * w), int(r * fx * w)
-        return image[t:h - b, l:w - r], [m[t:h - b, l:w - r] for m in masks]
-    if variant == "shift":
-        dy, dx = int(params[0] * h), int(params[1] * w)
-        ys, yd = slice(max(0, -dy), h - max(0, dy)), slice(max(0, dy), h - max(0, -dy))
-        xs, xd = slice(max(0, -dx), w - max(0, dx)), slice(max(0, dx), w - max(0, -dx))
-        out, out_masks = np.zeros_like(image), [np.zeros_like(m) for m in masks]
-        out[yd, xd] = image[ys, xs]
-        for m, o in zip(masks, out_masks):
-            o[yd, xd] = m[ys, xs]
-        return out, out_masks
-    if variant == "scale":
-        size = (int(np.clip(round(w * params), *WIDTH_RANGE)), int(np.clip(round(h * params), *HEIGHT_RANGE)))
-        inter = cv2.INTER_AREA if params < 1 else cv2.INTER_CUBIC
-        return cv2.resize(image, size, interpolation=inter), \
-            [cv2.resize(m.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool) for m in masks]
-    if variant == "jpeg":
-        ok, buf = cv2.imencode(".jpg", image[..., 0], [cv2.IMWRITE_JPEG_QUALITY, int(params)])
-        grey = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE)
-        return np.repeat(grey[..., None], 3, axis=2), list(masks)
-    return image, list(masks)
 
 
 def _save_rgb(path, rgb, grey=False):
@@ -694,7 +634,8 @@ def _render_and_write(job):
     """Worker: render one case from its own RNG and write its files. Returns a small record.
 
     A near-duplicate copy (``copy_of`` in its task) renders its source case again from the source's RNG (with
-    its own overlay RNG for the ``overlay`` variant) and re-saves it (:func:`_resave`) under its own name."""
+    its own overlay RNG for the ``overlay`` variant) and re-saves it (:func:`phantom.copies.resave`) under its own
+    name."""
     root, seed, label, number, task, quirks = job
     source = task.get("copy_of")
     src_label, src_number = source if source else (label, number)
@@ -704,10 +645,10 @@ def _render_and_write(job):
     case = render_full(rng, src_label, height, width, n_lesions=task["n_lesions"], colour=task["colour"] and quirks,
                        overlay_rng=overlay_rng)
     if source:
-        image, masks = _resave(case.image, case.masks, task["variant"], task["params"])
+        image, masks = resave(case.image, case.masks, task["variant"], task["params"], HEIGHT_RANGE, WIDTH_RANGE)
         if masks and masks[0].sum() < 0.5 * case.masks[0].sum() * (task["params"] if task["variant"] == "scale"
                                                                       else 1.0) ** 2:
-            image, masks = _resave(case.image, case.masks, "jpeg", 85)     # the crop would cut the lesion off
+            image, masks = resave(case.image, case.masks, "jpeg", 85)     # the crop would cut the lesion off
         case = Case(image, masks, False, case.posterior)
         height, width = image.shape[:2]
     folder = Path(root) / label

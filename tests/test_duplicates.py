@@ -13,7 +13,8 @@ from data.duplicates import (THRESHOLD, leak_check, leak_line, nearest, signatur
                              split_leak_check)
 from data.pairs import open_pair_dataset
 from data.splits import fold_splits, resolve_duplicates
-from phantom.simulator import NEAR_VARIANTS, _resave, case_rng, render_full
+from phantom.copies import NEAR_VARIANTS, resave
+from phantom.simulator import case_rng, render_full
 
 LABELS = ("benign", "malignant", "normal")
 
@@ -31,11 +32,11 @@ def scans():
     copies = []
     for i in range(3):
         c = cases[i]
-        copies += [(i, "crop", _resave(c.image, c.masks, "crop", [0.06, 0.0, 0.04, 0.08])[0]),
-                   (i, "shift", _resave(c.image, c.masks, "shift", [0.05, -0.04])[0]),
-                   (i, "scale down", _resave(c.image, c.masks, "scale", 0.74)[0]),
-                   (i, "scale up", _resave(c.image, c.masks, "scale", 1.25)[0]),
-                   (i, "jpeg", _resave(c.image, c.masks, "jpeg", 60)[0]),
+        copies += [(i, "crop", resave(c.image, c.masks, "crop", [0.06, 0.0, 0.04, 0.08])[0]),
+                   (i, "shift", resave(c.image, c.masks, "shift", [0.05, -0.04])[0]),
+                   (i, "scale down", resave(c.image, c.masks, "scale", 0.74)[0]),
+                   (i, "scale up", resave(c.image, c.masks, "scale", 1.25)[0]),
+                   (i, "jpeg", resave(c.image, c.masks, "jpeg", 60)[0]),
                    (i, "overlay", _case(i, LABELS[i % 3], overlay_seed=99).image)]
     return cases, copies
 
