@@ -38,8 +38,8 @@ File layout and quirks (``quirks=True``, the default; see REFERENCE.md, BUSI)::
   them under ``near_duplicates``.
 
 With ``quirks=False`` the files are plain: 8-bit grayscale ('L') images, 8-bit 0/255 grayscale masks for every
-class, one lesion and one mask per image, no colour, no duplicates or near-duplicates (burned-in overlays are image content and
-stay).
+class, one lesion and one mask per image, no colour, no duplicates or near-duplicates (burned-in overlays are
+image content and stay).
 
 The dataset is written to ``Dataset_BUSI_with_GT.partial`` and renamed when complete; ``phantom.json`` beside it
 records the parameters and the summary. Every case has its own RNG derived from ``(seed, class, number)``, so
