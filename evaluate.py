@@ -105,6 +105,7 @@ def _load_sets(args) -> dict[str, Any]:
     return {"real_images": ri, "real_masks": rm, "real_heldout": np.array([False] * len(train) + [True] * len(held)),
             "real_labels": np.array([r["label"] for r in train + held]),
             "real_groups": np.array([r["group"] for r in train + held]), "train_ids": [r["id"] for r in train],
+            "real_ids": [r["id"] for r in train + held],
             "syn_images": si, "syn_masks": sm, "syn_labels": np.array([r["label"] for r in syn_rows]),
             "syn_ids": [r["id"] for r in syn_rows], "img_size": real.img_size, "note": note}
 
@@ -234,6 +235,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  "heldout": _counts(d["real_labels"][d["real_heldout"]]),
                                  "synthetic": _counts(d["syn_labels"])}},
         "warnings": [], "timings_s": {}}
+    from data.duplicates import leak_line, split_leak_check    # near-duplicates across the real splits
+    metrics["leak_check"] = split_leak_check(d["real_images"], d["real_heldout"], d["real_ids"])
+    print(leak_line(metrics["leak_check"]))
+    if not metrics["leak_check"]["ok"]:
+        metrics["warnings"].append(leak_line(metrics["leak_check"]))
     floors_ok = n_held >= MIN_HELDOUT
     no_floor = f"{args.real_data} has {n_held} held-out (val+test) real images; floors need at least {MIN_HELDOUT}"
     raw: dict[str, Any] = {}

@@ -10,9 +10,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from common.errors import UserError
 from common.cli import (fraction, make_parser, parse_config, positive_int,
                         print_config, run_main)
+from data.duplicates import THRESHOLD, leak_check, leak_line, rule, similarity_pairs
 from data.pairs import LABELS, TUMOUR_LABELS, PairDatasetWriter
 from data.readers import FORMATS, RESIZE_MODES, SPECK_RULE, decode_cases, problem_lines, scan_dataset
 from data.splits import assign_splits, fold_splits, resolve_duplicates, split_table
@@ -66,6 +69,18 @@ def build_parser():
     p.add_argument("--duplicates", choices=("drop", "keep"), default="drop",
                    help="pixel-identical images with the same label: drop keeps one copy, keep keeps all (always "
                         "in one split); identical images with different labels are always dropped and reported")
+    p.add_argument("--near_duplicates", choices=("group", "off"), default="group",
+                   help="group: images of one acquisition saved more than once (cropped or shifted a little, rescaled, "
+                        "re-encoded, other overlays) share a split, like identical copies; their score is the "
+                        "normalised cross-correlation of the image centres (the outer sixth of each side, where "
+                        "overlays sit, left out) after the best zoom/shift alignment of 64-px signatures "
+                        "(data/duplicates.py); a near-duplicate set with different labels is dropped whole and "
+                        "listed. off: only pixel-identical images are grouped (the leak check still reports "
+                        "near-duplicates across the splits)")
+    p.add_argument("--near_duplicate_threshold", type=float, default=THRESHOLD, metavar="SCORE",
+                   help="score from which two images are near-duplicates (1 = the same pixels up to brightness and "
+                        f"contrast; default {THRESHOLD}: on BUS-BRA, distinct scans scored at most 0.84, the same scan "
+                        "saved twice 0.87 and more); also the leak check's threshold")
     p.add_argument("--workers", type=positive_int, default=None,
                    help="processes decoding images in parallel (None: one per CPU core)")
     return p
@@ -95,11 +110,32 @@ def label_counts(counts: Counter) -> str:
     return ", ".join(f"{lab} {counts[lab]}" for lab in LABELS if counts[lab]) + f" ({sum(counts.values())} images)"
 
 
+def near_lines(args, dup, near, files, seconds: float, groups: Sequence[str | None]) -> list[str]:
+    """Summary lines of the near-duplicate grouping."""
+    if args.near_duplicates == "off":
+        return ["near-duplicates: not grouped (--near_duplicates off)"]
+    n_images = sum(map(len, dup.near_sets))
+    lines = [f"near-duplicates (score >= {args.near_duplicate_threshold:.2f}): {len(near)} pair(s), identical copies "
+             f"included; {len(dup.near_sets)} set(s) of one label ({n_images} images), each kept in one split "
+             f"({seconds:.1f} s)"]
+    joined = [cl for cl in dup.near_sets if len({groups[i] for i in cl if groups[i]}) > 1]
+    if joined:
+        lines.append(f"  {len(joined)} of them join different patients (now one group):")
+        for cl in joined[:MAX_LISTED]:
+            lines.append("    " + " ~ ".join(f"{f['file']}" for f in files(cl)))
+    lines.append(f"near-duplicates, conflicting labels: {len(dup.near_conflicts)} set(s), all copies dropped")
+    for cl in dup.near_conflicts[:MAX_LISTED]:
+        lines.append("  " + " ~ ".join(f"{f['file']} ({f['label']})" for f in files(cl)))
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_config(build_parser(), argv)
     if args.dry_run:
         print_config(args)
         return 0
+    if not 0 < args.near_duplicate_threshold <= 1:
+        raise UserError(f"--near_duplicate_threshold must be in (0, 1], got {args.near_duplicate_threshold}")
     if (args.input_dir is None) == (args.phantom is None):
         raise UserError("give either --input_dir (a downloaded dataset) or --phantom N (generate one), not "
                         + ("both" if args.input_dir else "neither"))
@@ -126,8 +162,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         good = [(c, d) for c, d in zip(cases, decoded) if not d.problems]
         if not good:
             raise UserError(f"{scan.root}: no usable images left after skipping {len(problems)} problem(s)")
+        sigs = np.stack([d.signature for _, d in good])
+        threshold, t_near = args.near_duplicate_threshold, time.time()
+        near = similarity_pairs(sigs, threshold) if args.near_duplicates == "group" else []
+        t_near = time.time() - t_near
         dup = resolve_duplicates([c.case_id for c, _ in good], [c.label for c, _ in good],
-                                 [d.pixel_hash for _, d in good], [c.group for c, _ in good], args.duplicates)
+                                 [d.pixel_hash for _, d in good], [c.group for c, _ in good], args.duplicates,
+                                 near_pairs=[(i, j) for i, j, _ in near])
         kept = [k for k in range(len(good)) if dup.keep[k]]
         labels, groups = [good[k][0].label for k in kept], [dup.groups[k] for k in kept]
         mode = args.split if args.split != "auto" else ("folds" if scan.has_folds else "random")
@@ -137,25 +178,43 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise UserError(f"{scan.root}: --split folds needs official folds for every image (BUS-BRA's "
                                 "5-fold-cv.csv); this dataset has none or not for all images: use --split random")
             splits = fold_splits(labels, groups, [good[k][0].fold for k in kept], args.test_fold,
-                                 args.val_fraction, args.seed)
+                                 args.val_fraction, args.seed, draw_groups=[dup.identical_groups[k] for k in kept])
             split_info.update(test_fold=args.test_fold, folds_file=scan.folds_file)
             split_desc = (f"split: official fold {args.test_fold} of {scan.folds_file} as test; val drawn by patient "
                           f"from the other folds ({args.val_fraction:.0%} of all, seed {args.seed})")
         else:
             splits = assign_splits(labels, groups, args.val_fraction, args.test_fraction, args.seed)
             split_info.update(test_fraction=args.test_fraction)
-            split_desc = (f"split: random, stratified by label, grouped by patient/identical image (val "
+            split_desc = (f"split: random, stratified by label, grouped by patient/identical image/near-duplicate (val "
                           f"{args.val_fraction:.0%}, test {args.test_fraction:.0%}, seed {args.seed})")
         copies = {i: [good[j][0].provenance["original_image"] for j in cl if j != i]
                   for cl in dup.same_label for i in cl}
+        near_copies = {i: [good[j][0].provenance["original_image"] for j in cl if j != i]
+                       for cl in dup.near_sets for i in cl}
         for k, split in zip(kept, splits):
             c, d = good[k]
             writer.add(c.case_id, d.image, d.mask, label=c.label, split=split, source="real", group=dup.groups[k],
                        **c.provenance, orig_width=d.width, orig_height=d.height, pixel_hash=d.pixel_hash,
-                       identical_copies=";".join(copies.get(k, [])))
+                       identical_copies=";".join(copies.get(k, [])), near_duplicates=";".join(near_copies.get(k, [])))
 
         def files(cluster):
             return [{"file": good[i][0].provenance["original_image"], "label": good[i][0].label} for i in cluster]
+
+        t_leak = time.time()
+        held = [k for k, split in zip(kept, splits) if split != "train"]
+        train = [k for k, split in zip(kept, splits) if split == "train"]
+        leak = leak_check(sigs[train], sigs[held], [good[k][0].case_id for k in held],
+                          [good[k][0].case_id for k in train], threshold)
+        leak["time_s"] = round(time.time() - t_leak, 2)
+        moved = [good[k][0].case_id for k, split in zip(kept, splits)
+                 if mode == "folds" and split == "test" and good[k][0].fold != args.test_fold]
+        score = {(i, j): sc for i, j, sc in near}
+
+        def near_set(cluster):
+            pairs = [{"files": [good[i][0].provenance["original_image"], good[j][0].provenance["original_image"]],
+                      "score": round(score[(i, j)], 4)} for i in cluster for j in cluster if (i, j) in score]
+            return {"images": files(cluster), "pairs": pairs,
+                    "groups": sorted({str(good[i][0].group) for i in cluster if good[i][0].group})}
 
         merged = [len(c.masks) - 1 for c, _ in good if len(c.masks) > 1]
         specks = [d.specks_removed for _, d in good if d.specks_removed]
@@ -171,6 +230,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "duplicates": {"mode": args.duplicates, "copies_dropped": dup.dropped_same_label,
                            "groups": [files(cl) for cl in dup.same_label]},
             "conflicts_dropped": [files(cl) for cl in dup.conflicts],
+            "near_duplicates": {"mode": args.near_duplicates, "threshold": threshold, "rule": rule(threshold),
+                                "pairs": len(near), "time_s": round(t_near, 2),
+                                "sets": [near_set(cl) for cl in dup.near_sets],
+                                "conflicts_dropped": [near_set(cl) for cl in dup.near_conflicts]},
+            "leak_check": leak, "moved_out_of_official_fold": moved,
             "masks_merged": {"images": len(merged), "extra_masks": sum(merged)},
             "specks_removed": {"regions": sum(specks), "masks": len(specks), "rule": SPECK_RULE},
             "csv_size_differs": size_differs, "skipped": [p.as_dict() for p in problems],
@@ -196,13 +260,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     lines.append(f"identical images, conflicting labels: {len(dup.conflicts)} set(s), all copies dropped")
     for cl in dup.conflicts[:MAX_LISTED]:
         lines.append("  " + " == ".join(f"{f['file']} ({f['label']})" for f in files(cl)))
+    lines += near_lines(args, dup, near, files, t_near, [good[i][0].group for i in range(len(good))])
     lines.append(f"skipped problems: {len(problems)}" + (" (listed in dataset.json 'skipped')" if problems else ""))
     lines += problem_lines(problems, MAX_LISTED)
     if scan.unexpected:
         lines.append(f"unexpected files, not used: {len(scan.unexpected)}")
         lines += [f"  {u}" for u in scan.unexpected[:5]] + (["  ..."] if len(scan.unexpected) > 5 else [])
     lines += [f"  note: {n}" for n in scan.notes]
-    lines += [split_desc, split_table(labels, splits), percent_line(Counter(labels)),
+    if moved:
+        lines.append(f"official folds: {len(moved)} image(s) of other folds put in test with a near-duplicate or "
+                     f"identical copy there: " + ", ".join(moved[:MAX_LISTED]))
+    lines += [split_desc, split_table(labels, splits), percent_line(Counter(labels)), leak_line(leak),
               f"wrote {len(kept)} pairs ({args.img_size}x{args.img_size}, {args.resize}) to {out_dir} in "
               f"{time.time() - t0:.1f} s ({rate:.0f} images/s)"]
     print("\n".join(lines))

@@ -8,7 +8,8 @@ Two steps, kept apart so every problem can be listed before anything is written:
   files that were not used.
 * **decode** (:func:`load_case`, :func:`decode_cases` for a process pool): image -> 8-bit grayscale, every
   mask -> binary and merged with OR, sizes checked and taken from the pixels, stray specks removed, a pixel
-  hash of the original image for de-duplication, and a resize to ``img_size x img_size``.
+  hash and a content signature of the original image for de-duplication (pixel-identical copies and
+  near-duplicates, :mod:`data.duplicates`), and a resize to ``img_size x img_size``.
 
 Layouts (REFERENCE.md, "Raw datasets"); ``detect_format`` accepts the dataset folder or its parent:
 
@@ -35,6 +36,7 @@ from PIL import Image
 
 from common.errors import UserError
 from common.io import pixel_hash
+from data.duplicates import signature
 from data.pairs import LABELS, TUMOUR_LABELS
 
 FORMATS = ("busi", "busbra", "udiat")
@@ -497,6 +499,7 @@ class Decoded:
     width: int = 0
     height: int = 0
     pixel_hash: str = ""
+    signature: np.ndarray | None = None   # near-duplicate signature of the original image (64 x 64 uint8)
     specks_removed: int = 0
     size_differs: bool = False        # a CSV's Width/Height disagreed with the pixels (pixels used)
     problems: list[Problem] = field(default_factory=list)
@@ -637,6 +640,7 @@ def load_case(case: RawCase, img_size: int, resize: str = "stretch",
     out.height, out.width = gray.shape
     out.size_differs = case.expected_size is not None and case.expected_size != (out.width, out.height)
     out.pixel_hash = pixel_hash(gray)
+    out.signature = signature(gray)
     out.image, out.mask = resize_pair(gray, mask, img_size, resize)
     return out
 

@@ -5,7 +5,8 @@
 * :func:`fold_splits` — an official cross-validation fold as the test split (BUS-BRA ``kFold``), validation
   drawn by group from the other folds.
 * :func:`resolve_duplicates` — pixel-identical images: same label -> one copy kept (or all kept), always one
-  group; different labels -> every copy dropped and reported.
+  group; different labels -> every copy dropped and reported. Near-duplicates (:mod:`data.duplicates`): one
+  group, all kept; a near-duplicate set with different labels -> every image of it dropped and reported.
 """
 from __future__ import annotations
 
@@ -66,17 +67,22 @@ def assign_splits(labels: Sequence[str], groups: Sequence[Hashable | None], val_
 
 
 def fold_splits(labels: Sequence[str], groups: Sequence[Hashable | None], folds: Sequence[int], test_fold: int,
-                val_fraction: float, seed: int) -> list[str]:
+                val_fraction: float, seed: int, draw_groups: Sequence[Hashable | None] | None = None) -> list[str]:
     """Official folds: fold ``test_fold`` is the test split; ``val_fraction`` of all images is drawn as
     validation, by group and stratified, from the other folds. A group that reaches into the test fold
-    (e.g. identical images filed in two folds) goes to test whole."""
+    (e.g. identical images filed in two folds) goes to test whole.
+
+    ``draw_groups`` (default ``groups``): coarser-grained ``groups`` can be given as the finer groups the
+    validation draw is made on (e.g. patients, where ``groups`` also joins near-duplicate patients), so that
+    joining two groups moves only their own images: each group then takes the first of test, val, train that
+    one of its members drew."""
     available = sorted(set(folds))
     if test_fold not in available:
         raise UserError(f"--test_fold {test_fold} is not one of the dataset's folds {available}")
-    members = _group_members(len(labels), groups)
+    draw = list(groups) if draw_groups is None else list(draw_groups)
     out = [""] * len(labels)
     rest: list[int] = []
-    for idx in members.values():
+    for idx in _group_members(len(labels), draw).values():
         if any(folds[i] == test_fold for i in idx):
             for i in idx:
                 out[i] = "test"
@@ -85,8 +91,12 @@ def fold_splits(labels: Sequence[str], groups: Sequence[Hashable | None], folds:
     rest.sort()
     if rest:
         rel = min(val_fraction * len(labels) / len(rest), 0.95)
-        sub = assign_splits([labels[i] for i in rest], [groups[i] for i in rest], rel, 0.0, seed)
+        sub = assign_splits([labels[i] for i in rest], [draw[i] for i in rest], rel, 0.0, seed)
         for i, split in zip(rest, sub):
+            out[i] = split
+    for idx in _group_members(len(labels), groups).values():
+        split = min((out[i] for i in idx), key=("test", "val", "train").index)
+        for i in idx:
             out[i] = split
     return out
 
@@ -97,32 +107,51 @@ class Duplicates:
     """Outcome of :func:`resolve_duplicates` (indices refer to the input order)."""
 
     keep: list[bool]
-    groups: list[str]                                  # final group per item (identical copies unioned)
+    groups: list[str]                                  # final group per item (identical copies, near-dups unioned)
     same_label: list[list[int]] = field(default_factory=list)   # clusters of identical same-label copies
     conflicts: list[list[int]] = field(default_factory=list)    # clusters of identical copies, different labels
+    near_sets: list[list[int]] = field(default_factory=list)    # near-duplicate sets, one label: one group, all kept
+    near_conflicts: list[list[int]] = field(default_factory=list)  # near-duplicate sets, different labels: dropped
+    identical_groups: list[str] = field(default_factory=list)   # group per item before near-duplicates were joined
 
     @property
     def dropped_same_label(self) -> int:
         return sum(1 for cluster in self.same_label for i in cluster if not self.keep[i])
 
 
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: dict[Hashable, Hashable] = {}
+
+    def find(self, x: Hashable) -> Hashable:
+        self.parent.setdefault(x, x)
+        while self.parent[x] != x:
+            self.parent[x] = self.parent[self.parent[x]]
+            x = self.parent[x]
+        return x
+
+    def union(self, items: Sequence[Hashable]) -> None:
+        """Join the sets of ``items``; the smallest root names the joined set (independent of the order)."""
+        roots = sorted({self.find(x) for x in items})
+        for r in roots[1:]:
+            self.parent[r] = roots[0]
+
+
 def resolve_duplicates(ids: Sequence[str], labels: Sequence[str], hashes: Sequence[str],
-                       groups: Sequence[str | None], mode: str = "drop") -> Duplicates:
+                       groups: Sequence[str | None], mode: str = "drop",
+                       near_pairs: Sequence[tuple[int, int]] = ()) -> Duplicates:
     """Pixel-identical images (same ``hashes``) always end up in one group (their groups are unioned, e.g.
     two patients' images that are the same file). Same label: ``drop`` keeps the first copy (input order),
-    ``keep`` keeps all. Conflicting labels: every copy is dropped (its label cannot be trusted)."""
+    ``keep`` keeps all. Conflicting labels: every copy is dropped (its label cannot be trusted).
+
+    ``near_pairs`` (index pairs, from :func:`data.duplicates.similarity_pairs`) are near-duplicates. A
+    near-duplicate set is a connected component of near pairs and identical copies that holds at least two
+    different images (two hashes): one label -> its groups are unioned and every image is kept (they are not
+    the same pixels); several labels -> every image of the set is dropped (one acquisition with two labels)."""
     if mode not in ("drop", "keep"):
         raise ValueError(f"mode must be drop or keep, got {mode!r}")
     base = [g if g else i for g, i in zip(groups, ids)]
-    parent: dict[str, str] = {}
-
-    def find(x: str) -> str:
-        parent.setdefault(x, x)
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
+    uf = _UnionFind()
     by_hash: dict[str, list[int]] = {}
     for i, h in enumerate(hashes):
         by_hash.setdefault(h, []).append(i)
@@ -131,9 +160,7 @@ def resolve_duplicates(ids: Sequence[str], labels: Sequence[str], hashes: Sequen
     for cluster in by_hash.values():
         if len(cluster) < 2:
             continue
-        roots = sorted({find(base[i]) for i in cluster})
-        for r in roots[1:]:
-            parent[r] = roots[0]
+        uf.union([base[i] for i in cluster])
         if len({labels[i] for i in cluster}) > 1:
             result.conflicts.append(cluster)
             for i in cluster:
@@ -143,7 +170,27 @@ def resolve_duplicates(ids: Sequence[str], labels: Sequence[str], hashes: Sequen
             if mode == "drop":
                 for i in cluster[1:]:
                     keep[i] = False
-    result.groups = [find(b) for b in base]
+    result.identical_groups = [uf.find(b) for b in base]
+    if near_pairs:
+        sets = _UnionFind()
+        for i, j in near_pairs:
+            sets.union([i, j])
+        for cluster in by_hash.values():
+            sets.union(cluster)
+        members: dict[Hashable, list[int]] = {}
+        for i in range(len(ids)):
+            members.setdefault(sets.find(i), []).append(i)
+        for cluster in members.values():
+            if len({hashes[i] for i in cluster}) < 2:
+                continue
+            if len({labels[i] for i in cluster}) > 1:
+                result.near_conflicts.append(cluster)
+                for i in cluster:
+                    keep[i] = False
+            else:
+                result.near_sets.append(cluster)
+                uf.union([base[i] for i in cluster])
+    result.groups = [uf.find(b) for b in base]
     return result
 
 

@@ -31,11 +31,15 @@ File layout and quirks (``quirks=True``, the default; see REFERENCE.md, BUSI)::
   covering a separate further lesion, so that the full lesion is the OR of all masks; at least one extra mask
   is RGBA (like ``benign (4)_mask_1``);
 * one cross-label pixel-identical duplicate (an image saved as malignant and as benign, like
-  ``malignant (145)`` == ``benign (433)``) and a couple of same-label duplicates under different numbers.
+  ``malignant (145)`` == ``benign (433)``) and a couple of same-label duplicates under different numbers;
+* near-duplicates (from 50 cases, :mod:`phantom.copies`): one case in 20 is a copy of another case of its class
+  saved again cropped, shifted, with other overlays, rescaled or JPEG re-encoded, and one in 300 (at least 2) a
+  copy of a case of the other tumour class (like ``benign (399)`` / ``malignant (93)``); ``phantom.json`` lists
+  them under ``near_duplicates``.
 
 With ``quirks=False`` the files are plain: 8-bit grayscale ('L') images, 8-bit 0/255 grayscale masks for every
-class, one lesion and one mask per image, no colour, no duplicates (burned-in overlays are image content and
-stay).
+class, one lesion and one mask per image, no colour, no duplicates or near-duplicates (burned-in overlays are
+image content and stay).
 
 The dataset is written to ``Dataset_BUSI_with_GT.partial`` and renamed when complete; ``phantom.json`` beside it
 records the parameters and the summary. Every case has its own RNG derived from ``(seed, class, number)``, so
@@ -59,6 +63,7 @@ from PIL import Image
 
 from common.errors import UserError
 from common.io import atomic_write_json
+from phantom.copies import plan_near_duplicates, resave
 
 BUSI_ROOT = "Dataset_BUSI_with_GT"
 CLASSES = ("benign", "malignant", "normal")
@@ -493,8 +498,11 @@ class Case:
 
 
 def render_full(rng: np.random.Generator, label: str, height: int, width: int, n_lesions: int = 1,
-                colour: bool = False, overlays: bool = True) -> Case:
-    """Render one capture of ``height`` x ``width``; ``n_lesions`` separate lesions unless ``label == 'normal'``."""
+                colour: bool = False, overlays: bool = True, overlay_rng: np.random.Generator | None = None) -> Case:
+    """Render one capture of ``height`` x ``width``; ``n_lesions`` separate lesions unless ``label == 'normal'``.
+
+    ``overlay_rng`` draws the burned-in overlays instead of ``rng``: the same scan with other annotations (for a
+    grey capture every other pixel is as ``rng`` alone gives it)."""
     if label not in CLASSES:
         raise ValueError(f"label must be one of {CLASSES}, got {label!r}")
     H, W = int(height), int(width)
@@ -533,7 +541,7 @@ def render_full(rng: np.random.Generator, label: str, height: int, width: int, n
         full_masks[-1][t:t + h, l:l + w] = m
     canvas = np.repeat(gray[..., None], 3, axis=2) if colour else gray
     if overlays:
-        _overlays(rng, canvas, full_masks, (t, b, l, r), colour)
+        _overlays(rng if overlay_rng is None else overlay_rng, canvas, full_masks, (t, b, l, r), colour)
     if colour:
         if full_masks and rng.random() < 0.7:                 # Doppler box around the lesion
             ys, xs = np.nonzero(full_masks[0])
@@ -610,6 +618,8 @@ def _plan(seed, counts, quirks):
     pool = [k for k in tasks if k not in taken]
     for j in sorted(rng.choice(len(pool), size=min(n_col, len(pool)), replace=False)):
         tasks[pool[int(j)]]["colour"] = True
+    if n >= 50 and counts["benign"] >= 6 and counts["malignant"] >= 6:
+        plan_near_duplicates(rng, tasks, counts, taken | set(extra), CLASSES)
     for _, _, key in duplicates:
         tasks[key] = None        # not rendered: copied from its source
     return tasks, duplicates
@@ -621,11 +631,26 @@ def _save_rgb(path, rgb, grey=False):
 
 
 def _render_and_write(job):
-    """Worker: render one case from its own RNG and write its files. Returns a small record."""
+    """Worker: render one case from its own RNG and write its files. Returns a small record.
+
+    A near-duplicate copy (``copy_of`` in its task) renders its source case again from the source's RNG (with
+    its own overlay RNG for the ``overlay`` variant) and re-saves it (:func:`phantom.copies.resave`) under its own
+    name."""
     root, seed, label, number, task, quirks = job
-    rng = case_rng(seed, label, number)
+    source = task.get("copy_of")
+    src_label, src_number = source if source else (label, number)
+    rng = case_rng(seed, src_label, src_number)
     height, width = draw_size(rng)
-    case = render_full(rng, label, height, width, n_lesions=task["n_lesions"], colour=task["colour"] and quirks)
+    overlay_rng = case_rng(seed + 1, label, number) if task.get("variant") == "overlay" else None
+    case = render_full(rng, src_label, height, width, n_lesions=task["n_lesions"], colour=task["colour"] and quirks,
+                       overlay_rng=overlay_rng)
+    if source:
+        image, masks = resave(case.image, case.masks, task["variant"], task["params"], HEIGHT_RANGE, WIDTH_RANGE)
+        if masks and masks[0].sum() < 0.5 * case.masks[0].sum() * (task["params"] if task["variant"] == "scale"
+                                                                      else 1.0) ** 2:
+            image, masks = resave(case.image, case.masks, "jpeg", 85)     # the crop would cut the lesion off
+        case = Case(image, masks, False, case.posterior)
+        height, width = image.shape[:2]
     folder = Path(root) / label
     stem = _stem(label, number)
     if quirks:
@@ -652,6 +677,8 @@ def _render_and_write(job):
                 if k:
                     written.append((name, "1"))
     return {"label": label, "number": number, "size": (height, width), "extra": written,
+            "copy_of": f"{src_label}/{_stem(src_label, src_number)}.png" if source else None,
+            "variant": task.get("variant"),
             "colour": bool(case.colour), "posterior": case.posterior,
             "lesion_fraction": float(case.mask.mean()) if case.masks else 0.0}
 
@@ -714,6 +741,10 @@ def generate_phantom(output_dir: str | Path, n_cases: int, seed: int = 0,
         "counts": counts, "extra_masks": len(extra), "extra_mask_files": extra,
         "rgba_masks": [f"{r['label']}/{name}" for r in records for name, mode in r["extra"] if mode == "RGBA"],
         "duplicates": dup_summary,
+        "near_duplicates": [{"kind": "cross-label" if r["copy_of"].split("/")[0] != r["label"] else "same-label",
+                             "variant": r["variant"],
+                             "files": [r["copy_of"], f"{r['label']}/{_stem(r['label'], r['number'])}.png"]}
+                            for r in records if r["copy_of"]],
         "colour_images": [f"{r['label']}/{_stem(r['label'], r['number'])}.png" for r in records if r["colour"]],
         "mean_lesion_fraction": {c: float(np.mean([r["lesion_fraction"] for r in records if r["label"] == c] or [0]))
                                  for c in CLASSES[:2]},

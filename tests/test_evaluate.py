@@ -102,6 +102,8 @@ def test_end_to_end_metrics_and_report(run_outputs):
     assert (m["inputs"]["n_real_train"], m["inputs"]["n_heldout"]) == (n_train, n_held)
     assert m["inputs"]["n_synthetic"] == len(open_pair_dataset(paths["draw2"]))
     assert "no synthetic-source pairs" in m["inputs"]["synthetic_selection"]
+    leak = m["leak_check"]                                 # near-duplicates across the real splits: none
+    assert (leak["n_heldout"], leak["n_train"], leak["n_above"], leak["ok"]) == (n_held, n_train, 0, True)
     gen = m["generation"]
     assert gen["weights"]["mode"] == "offline" and len(gen["weights"]["sha256"]) == 64
     assert gen["offline_check_max_abs_diff"] < 1e-4
@@ -131,7 +133,7 @@ def test_end_to_end_metrics_and_report(run_outputs):
     assert html.index("Privacy and downstream at a glance") < html.index("Samples per class")
     # the printed summary: the quality table, then memorisation flags and baseline vs combined with CIs
     printed = (out.parent / "printed.txt").read_text()
-    assert "real vs real (floor)" in printed
+    assert "real vs real (floor)" in printed and f"leak check: 0 of {n_held} held-out" in printed
     n_syn = m["inputs"]["n_synthetic"]
     assert re.search(rf"copies \(NCC >= 0\.95 to a train image\) +{m['memorisation']['n_flagged']} of {n_syn}", printed)
     for name in ("Dice", "IoU", "HD95 (px)", "balanced accuracy"):
@@ -225,3 +227,23 @@ def test_no_heldout_split(tmp_path, tmp_path_factory):
     with pytest.raises(UserError, match=r"no metric could be computed .*0 held-out .*at least 10"):
         evaluate.main(["--real_data", str(tmp_path / "trainonly"), "--synthetic_data", str(paths["synthetic"]),
                        "--output_dir", str(tmp_path / "o"), "--skip", "fid,kid,is,memorisation"])
+
+
+def test_leak_check_flags_a_copy_across_the_splits(tmp_path, tmp_path_factory, capsys):
+    """A held-out real image that is a copy (shifted, re-encoded) of a training image: printed loudly, a warning,
+    and the pair named in metrics.json."""
+    import cv2
+    paths = shared_data(tmp_path_factory)
+    i, m, l = draw_pairs(24, seed=5)
+    i[20] = np.roll(i[3], (2, -1), (0, 1))
+    i[21] = cv2.imdecode(cv2.imencode(".jpg", i[7], [cv2.IMWRITE_JPEG_QUALITY, 70])[1], cv2.IMREAD_GRAYSCALE)
+    splits = ["train"] * 14 + ["val"] * 4 + ["test"] * 6
+    write_pairs(tmp_path / "leaky", i, m, l, "real", splits=splits)
+    evaluate.main(["--real_data", str(tmp_path / "leaky"), "--synthetic_data", str(paths["synthetic"]),
+                   "--output_dir", str(tmp_path / "o"), "--skip", "fid,kid,is,ssim,diversity,morphology"])
+    m = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    leak = m["leak_check"]
+    assert leak["n_above"] == 2 and not leak["ok"] and leak["n_heldout"] == 10
+    assert {(p["heldout"], p["train"]) for p in leak["pairs"]} == {("p0020", "p0003"), ("p0021", "p0007")}
+    assert any(w.startswith("WARNING leak check: 2 of 10 held-out") for w in m["warnings"])
+    assert "WARNING leak check: 2 of 10" in capsys.readouterr().out

@@ -264,3 +264,44 @@ def test_lesion_statistics_follow_radiology(phantom):
     fracs = [_mask_bool(masks[0]).mean() for label in ("benign", "malignant")
              for img, masks in _cases(out, label).values()]
     assert 0.03 < np.mean(fracs) < 0.16
+
+
+def test_near_duplicates_are_resaved_copies(phantom):
+    """BUSI's near-duplicates: a case saved again cropped, shifted, with other overlays, rescaled or re-encoded,
+    a few of them under the other tumour label."""
+    out, summary = phantom
+    near = summary["near_duplicates"]
+    kinds = [d["kind"] for d in near]
+    assert kinds.count("same-label") >= 5 and kinds.count("cross-label") >= 2
+    assert {d["variant"] for d in near} == {"crop", "shift", "overlay", "scale", "jpeg"}
+    identical = {f for d in summary["duplicates"] for f in d["files"]}
+    for d in near:
+        src_rel, dst_rel = d["files"]
+        assert not {src_rel, dst_rel} & identical
+        assert (src_rel.split("/")[0] != dst_rel.split("/")[0]) == (d["kind"] == "cross-label")
+        src, dst = (np.asarray(Image.open(_root(out) / f))[..., 0] for f in d["files"])
+        sm, dm = (_mask_bool((_root(out) / f).with_name(Path(f).stem + "_mask.png")) for f in d["files"])
+        assert src.shape != dst.shape or not np.array_equal(src, dst), d
+        if d["variant"] == "crop":                       # an exact window of the original
+            assert dst.shape[0] <= src.shape[0] and dst.shape[1] <= src.shape[1] and dst.shape != src.shape
+            res = cv2.matchTemplate(src.astype(np.float32), dst.astype(np.float32), cv2.TM_SQDIFF)
+            y, x = np.unravel_index(int(np.argmin(res)), res.shape)
+            assert res.min() <= 1e-6 * float((dst.astype(np.float32) ** 2).sum())    # 0 up to float rounding
+            assert np.array_equal(sm[y:y + dst.shape[0], x:x + dst.shape[1]], dm)
+        elif d["variant"] == "shift":                    # same size, the content moved and the rest black
+            h, w = dst.shape
+            assert dst.shape == src.shape and (not sm.any() or sm.sum() >= dm.sum() > 0.5 * sm.sum())
+            win = dst[h // 4:3 * h // 4, w // 4:3 * w // 4].astype(np.float32)
+            res = cv2.matchTemplate(src.astype(np.float32), win, cv2.TM_SQDIFF)
+            y, x = np.unravel_index(int(np.argmin(res)), res.shape)
+            assert res.min() <= 1e-6 * float((win ** 2).sum()) and (y, x) != (h // 4, w // 4)
+        elif d["variant"] == "scale":                    # rescaled, lesion area with it
+            f = dst.shape[1] / src.shape[1]
+            assert abs(f - 1) > 0.08 and abs(dst.shape[0] / src.shape[0] - f) < 0.05
+            assert not sm.any() or abs(dm.sum() / sm.sum() - f * f) < 0.1 * f * f
+        elif d["variant"] == "jpeg":                     # re-encoded: close, not equal; same mask
+            assert dst.shape == src.shape and 0 < np.abs(dst.astype(int) - src).mean() < 4
+            assert np.array_equal(sm, dm)
+        else:                                            # other burned-in overlays on the same scan
+            assert dst.shape == src.shape and np.array_equal(sm, dm)
+            assert 0 < (dst != src).mean() < 0.05
