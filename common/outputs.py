@@ -77,17 +77,27 @@ class OutputLock:
             return self
         import fcntl
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
                 os.close(fd)
-                raise
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+                raise UserError(f"{self.path.parent / self.path.name[1:-5]}: another run is writing this folder "
+                                f"(process {holder}); wait for it to end or choose another output folder") from None
+            # The holder removes the lock file when it ends; a lock taken on a file that was removed meanwhile
+            # guards nothing, so take it again on the file now at that path.
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             os.close(fd)
-            raise UserError(f"{self.path.parent / self.path.name[1:-5]}: another run is writing this folder "
-                            f"(process {holder}); wait for it to end or choose another output folder") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self.fd = fd
@@ -96,9 +106,9 @@ class OutputLock:
     def __exit__(self, *exc) -> None:
         if self.fd is not None:
             try:
-                os.ftruncate(self.fd, 0)
+                self.path.unlink(missing_ok=True)   # removed while still held, so no run is left behind
             finally:
-                os.close(self.fd)   # closing releases the lock; the empty lock file may stay
+                os.close(self.fd)
             self.fd = None
 
 
