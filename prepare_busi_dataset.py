@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Phase 1: a raw breast-ultrasound dataset (BUSI, BUS-BRA, UDIAT Dataset B, or a generated phantom) -> a pair
-dataset (DESIGN.md "Contracts"): grayscale images and binary masks at img_size, stratified leak-free splits."""
+dataset (docs/architecture.md, "The pair dataset"): grayscale images and binary masks at img_size, stratified leak-free splits."""
 from __future__ import annotations
 
 import json

@@ -11,7 +11,7 @@ Two steps, kept apart so every problem can be listed before anything is written:
   hash and a content signature of the original image for de-duplication (pixel-identical copies and
   near-duplicates, :mod:`data.duplicates`), and a resize to ``img_size x img_size``.
 
-Layouts (REFERENCE.md, "Raw datasets"); ``detect_format`` accepts the dataset folder or its parent:
+Layouts (docs/data.md); ``detect_format`` accepts the dataset folder or its parent:
 
 * BUSI   ``Dataset_BUSI_with_GT/{benign,malignant,normal}/<cls> (<n>).png`` + ``<cls> (<n>)_mask[_k].png``
 * BUS-BRA ``Images/bus_NNNN-{l,r,s}.png``, ``Masks/mask_NNNN-{l,r,s}.png``, ``bus_data.csv``, ``5-fold-cv.csv``

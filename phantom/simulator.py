@@ -20,7 +20,7 @@ Lesions follow the radiological descriptions of the classes:
 
 The mask is the lesion region exactly (spicules included); overlays never enter it.
 
-File layout and quirks (``quirks=True``, the default; see REFERENCE.md, BUSI)::
+File layout and quirks (``quirks=True``, the default; see docs/data.md)::
 
     <output_dir>/Dataset_BUSI_with_GT/{benign,malignant,normal}/<cls> (<n>).png, <cls> (<n>)_mask.png
 

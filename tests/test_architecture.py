@@ -84,3 +84,21 @@ def test_no_module_cycles():
 
 def test_data_is_below_training_sampling_metrics():
     assert not package_graph().get("data", set()) & {"training", "sampling", "metrics"}
+
+
+def test_no_file_points_outside_the_repository_notes():
+    """Design notes live in docs/: no code, preset or document names notes that are not in the repository."""
+    skip_dirs = {".venv", ".git", "results", "data", "checkpoints", "node_modules", "__pycache__"}
+    files = [p for p in ROOT.iterdir() if p.is_file()]
+    for top in ROOT.iterdir():
+        if top.is_dir() and top.name not in skip_dirs and not top.name.startswith("."):
+            files += [p for p in top.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    offenders = []
+    for path in files:
+        if path.suffix not in (".py", ".md", ".yaml", ".txt", ".cfg", ".ini") and path.name != "Makefile":
+            continue
+        if path.name == "test_architecture.py":
+            continue
+        text = path.read_text(errors="ignore")
+        offenders += [f"{path.relative_to(ROOT)}: {n}" for n in ("DESIGN.md", "REFERENCE.md", "../shared") if n in text]
+    assert not offenders, offenders
