@@ -8,8 +8,9 @@ that thread's CPU time (so that other jobs on the machine change little):
   variants  eager, --channels_last and --compile (torch.compile, inductor): median CPU seconds per optimiser step,
             the step's FLOPs (torch.utils.flop_counter), and FLOPs / time / peak
   profile   torch.profiler over a few eager steps: self CPU time per operator family (convolution forward and
-            backward, matmul / attention, normalisation, pointwise, optimiser, other), and the number of operator
-            calls per step with their median time: what stops a small network from reaching the peak
+            backward, matmul / attention, normalisation, pointwise, optimiser, other) beside the family's share of
+            the step's FLOPs (flop_counter on the same step), the family's own FLOP/s against the peak, and the
+            number of operator calls: what stops the step from reaching the peak
 
 Writes bench/throughput.json and prints a table. Not part of the test suite (a few minutes; --compile's warm-up is
 most of it). Example:
@@ -89,9 +90,21 @@ def make_trainer(args, flags: list[str], out: Path):
     return cfg, DiffusionTrainer(cfg, DistInfo(), torch.device("cpu"), "fp32", "throughput")
 
 
-def profile_breakdown(trainer, steps: int) -> dict:
+def flops_by_family(trainer) -> dict[str, float]:
+    """FLOPs of one optimiser step per operator family (torch.utils.flop_counter on the real step)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        trainer.optimiser_step()
+    out: dict[str, float] = {}
+    for op, n in counter.get_flop_counts()["Global"].items():
+        fam = family(str(op).removeprefix("aten."))
+        out[fam] = out.get(fam, 0.0) + n
+    return out
+
+
+def profile_breakdown(trainer, steps: int, s_per_step: float, peak: float) -> dict:
     from torch.profiler import ProfilerActivity, profile
-    trainer.optimiser_step()
+    fam_flops = flops_by_family(trainer)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             trainer.optimiser_step()
@@ -103,8 +116,17 @@ def profile_breakdown(trainer, steps: int) -> dict:
         f["self_cpu_share"] += e.self_cpu_time_total / total
         f["calls_per_step"] += e.count / steps
     calls = sum(f["calls_per_step"] for f in fams.values())
+    total_flops = sum(fam_flops.values()) or 1.0
+    for name, f in fams.items():   # the family's share of the step's FLOPs, and its own FLOP/s against the peak
+        fl = fam_flops.get(name, 0.0)
+        f["flop_share"] = fl / total_flops
+        seconds = f["self_cpu_share"] * s_per_step
+        f["fraction_of_matmul_peak"] = fl / seconds / peak if fl and seconds else None
     top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]
     return {"families": {k: {"self_cpu_share": round(v["self_cpu_share"], 4),
+                             "flop_share": round(v["flop_share"], 4),
+                             "fraction_of_matmul_peak": None if v["fraction_of_matmul_peak"] is None else
+                             round(v["fraction_of_matmul_peak"], 3),
                              "calls_per_step": round(v["calls_per_step"], 1)} for k, v in
                          sorted(fams.items(), key=lambda kv: -kv[1]["self_cpu_share"])},
             "aten_calls_per_step": round(calls, 1),
@@ -146,14 +168,16 @@ def main(argv=None) -> int:
             print(f"{name:14s} {s:.3f} s/step  {flops / 1e9:.1f} GFLOP/step  "
                   f"{flops / s / peak:.2f} of peak", flush=True)
             if name == "eager":
-                result["profile"] = profile_breakdown(trainer, args.profile_steps)
+                result["profile"] = profile_breakdown(trainer, args.profile_steps, s, peak)
             del trainer
     prof = result.get("profile")
     if prof:
         print(f"eager profile: {prof['aten_calls_per_step']:.0f} aten calls per step, "
               f"{prof['mean_us_per_call']:.0f} us each on average")
         for fam, v in prof["families"].items():
-            print(f"  {fam:22s} {100 * v['self_cpu_share']:5.1f}% of self CPU time, {v['calls_per_step']:.0f} calls")
+            eff = "" if v["fraction_of_matmul_peak"] is None else f", {v['fraction_of_matmul_peak']:.2f} of peak"
+            print(f"  {fam:22s} {100 * v['self_cpu_share']:5.1f}% of self CPU time, {100 * v['flop_share']:5.1f}% "
+                  f"of FLOPs{eff}, {v['calls_per_step']:.0f} calls")
     atomic_write_json(Path(args.output), result)
     print(f"wrote {args.output}")
     return 0
