@@ -68,8 +68,15 @@ def test_dry_run_lists_every_task_once(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     names = [line.split(":")[0] for line in proc.stdout.splitlines()]
-    assert names[:4] == ["prepare", "diffusion", "generate", "combine"] and names[-1] == "evaluate"
-    assert len([n for n in names if n.startswith("seg_")]) == 12 and len(set(names)) == len(names)
+    assert names[:4] == ["prepare", "diffusion", "generate", "combine"] and "evaluate" in names
+    assert {"generate_cond", "combine_cond", "subset25", "diffusion25", "generate25", "combine25"} <= set(names)
+    segs = [n for n in names if n.startswith("seg_")]
+    # 5 full-data arms + 3 arms of the 25% regime, 3 seeds each; every seg task after the data it trains on
+    assert len(segs) == 24 and len(set(names)) == len(names)
+    assert {f"seg_{a}_seed{k}" for a in ("conditioned", "real25", "real25_strong", "real25_synthetic")
+            for k in range(3)} <= set(segs)
+    assert names.index("combine25") < names.index("seg_real25_synthetic_seed0")
+    assert all(n.startswith("evaluate") for n in names[names.index("evaluate"):])
     assert not (tmp_path / "d").exists()                        # a dry run writes nothing
 
 
