@@ -152,6 +152,7 @@ def _generation(args, d, device) -> dict[str, Any]:
 
 def _downstream(args, d, device) -> dict[str, Any]:
     from metrics.downstream import compare_runs, finalise_family
+    from metrics.seg_eval import run_warnings
     from metrics.similarity import mask_alignment, predict_masks
     from models.loading import load_segmenter
     out: dict[str, Any] = {}
@@ -170,6 +171,9 @@ def _downstream(args, d, device) -> dict[str, Any]:
         out["comparison"] = comp
     elif args.combined_run:
         out["comparison"] = {"skipped": "--combined_run needs --baseline_run to compare against"}
+    out["warnings"] = run_warnings([*(args.baseline_run or []), *(args.combined_run or [])])   # predicts nothing
+    for w in out["warnings"]:
+        print(w)
     return out
 
 
@@ -287,25 +291,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"no metric could be computed ({reasons or 'every stage was skipped with --skip'})")
     from metrics.plan_targets import format_plan_targets, score_plan_targets
     metrics["plan_targets"] = score_plan_targets(metrics, (metrics.get("downstream") or {}).get("comparison"))
-    metrics["summary"] = R.summary_rows(metrics)
+    metrics["summary"] = R.summary_rows(metrics)   # one row per quantity: key, name, good direction, verdict
+    metrics["answer"] = R.answer(metrics)           # the verdict box that opens the printout and report.html
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    figures = R.build_figures(d, raw, metrics)
+    from metrics.figures import build_figures
+    figures = build_figures(d, raw, metrics, runs={"baseline": args.baseline_run, "combined": args.combined_run})
     atomic_write_json(out / "metrics.json", metrics)
     atomic_write_text(out / "report.html", R.render_html(metrics, figures))
     metrics["timings_s"]["report"] = round(time.time() - t0, 2)
     atomic_write_json(out / "metrics.json", metrics)
     print()
-    print(R.format_table(metrics["summary"]))
-    outcomes = R.outcome_rows(metrics)
-    if outcomes:
-        print()
-        print(R.format_table(outcomes, R.OUTCOME_COLUMNS, last_width=80))
-    print()
-    print(format_plan_targets(metrics["plan_targets"]))
-    for w in metrics["warnings"]:
-        print(f"warning: {w}")
+    print(R.terminal_report(metrics, format_plan_targets(metrics["plan_targets"], width=R.WIDTH)))
     print(f"\nwrote {out / 'metrics.json'} and {out / 'report.html'}")
     return 0
 

@@ -10,7 +10,8 @@ run without a class head).
 **Estimates** (:data:`METRICS`, one name per quantity). Each image's value is first averaged over the arm's seeds,
 ``m_a[i] = mean_s Y_a[s, i]``; a metric is then the mean of ``m_a`` over a set of images (Dice over every lesion
 image, ``dice_malignant`` over the malignant images, ``malignant_recall`` = mean ``correct`` over the malignant
-images, ``benign_specificity`` over the benign ones), or for ``balanced_accuracy`` the mean over the tumour classes
+images, ``benign_recall`` over the benign ones: the share of benign tumours called benign, the specificity of a
+malignant call when no tumour is called normal), or for ``balanced_accuracy`` the mean over the tumour classes
 of each class's mean ``correct`` (metrics/seg_eval.py's definition). A comparison is combined − baseline on the
 images where both arms have a value. A class absent from the test split gives NaN with n 0, not an error.
 
@@ -59,8 +60,9 @@ import numpy as np
 from common.errors import UserError
 from data.pairs import TUMOUR_LABELS
 
-__all__ = ["Metric", "METRICS", "PRIMARY_METRIC", "COLUMNS", "Arm", "read_per_image", "load_arm", "arm_statistics",
-           "compare_arms", "compare_runs", "seeds_pooled", "holm", "finalise_family", "bootstrap_p_value"]
+__all__ = ["Metric", "METRICS", "RENAMED", "PRIMARY_METRIC", "COLUMNS", "Arm", "read_per_image", "load_arm",
+           "arm_statistics", "compare_arms", "compare_runs", "seeds_pooled", "holm", "finalise_family",
+           "bootstrap_p_value"]
 
 COLUMNS = ("dice", "iou", "hd95", "correct")
 RUN_COLUMNS = ("id", "label", "dice", "iou", "hd95", "pred_label")
@@ -90,8 +92,10 @@ METRICS: dict[str, Metric] = {
     "hd95_benign": Metric("hd95", ("benign",), "HD95 (px), benign images", better="lower"),
     "balanced_accuracy": Metric("correct", tuple(TUMOUR_LABELS), "balanced accuracy", balanced=True),
     "malignant_recall": Metric("correct", ("malignant",), "malignant recall"),
-    "benign_specificity": Metric("correct", ("benign",), "benign specificity"),
+    "benign_recall": Metric("correct", ("benign",), "benign recall"),
 }
+# keys a results file written before the renaming may hold: old key -> key of METRICS
+RENAMED = {"benign_specificity": "benign_recall"}
 PRIMARY_METRIC = "dice"   # tumour Dice over every lesion image of the real test split
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -32,7 +33,7 @@ from metrics.segmentation import balanced_accuracy, confusion_matrix, segmentati
 from common.precision import autocast
 
 __all__ = ["CSV_COLUMNS", "RULES", "THRESHOLD", "predict", "evaluate_predictions", "write_per_image_csv",
-           "mean_lesion_dice", "auc"]
+           "mean_lesion_dice", "auc", "empty_prediction_warning", "run_warnings"]
 
 THRESHOLD = 0.5
 CSV_COLUMNS = ("id", "label", "source", "dice", "iou", "hd95", "pred_label", "prob_malignant",
@@ -191,3 +192,46 @@ def write_per_image_csv(path, rows: Sequence[dict[str, Any]]) -> None:
                 out[k] = v
         writer.writerow(out)
     atomic_write_text(path, buf.getvalue())
+
+
+# ============================================================================ a segmenter that predicts nothing
+def _number(v: Any) -> float | None:
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def empty_prediction_warning(rows: Sequence[dict[str, Any]], what: str) -> str | None:
+    """A loud warning when a segmenter predicted nothing: an empty mask on every image (``pred_area`` 0 on all of
+    them) or Dice 0 on every lesion image; None otherwise. ``rows``: per-image rows (:data:`CSV_COLUMNS`), as
+    :func:`evaluate_predictions` returns them or as read back from a ``per_image_*.csv`` (strings)."""
+    if not rows:
+        return None
+    areas = [_number(r.get("pred_area")) for r in rows]
+    dice = [d for d in (_number(r.get("dice")) for r in rows) if d is not None]
+    if all(a is not None for a in areas) and not any(areas):
+        found = f"predicts an EMPTY mask on every one of its {len(rows)} test images (predicted area 0)"
+    elif dice and not any(dice):
+        found = f"scores Dice 0 on every one of its {len(dice)} lesion test images"
+    else:
+        return None
+    return (f"WARNING {what} {found}: the segmenter has learnt nothing usable; its Dice, and any comparison made "
+            "with it, mean nothing (train longer, check the masks and the learning rate)")
+
+
+def run_warnings(runs: Sequence[Any]) -> list[str]:
+    """:func:`empty_prediction_warning` for each segmentation run (a run folder's ``per_image_test.csv``, or the
+    CSV file itself); runs without the file are left to the reader that needs it."""
+    out = []
+    for run in runs:
+        path = Path(run)
+        path = path / "per_image_test.csv" if path.is_dir() else path
+        if not path.is_file():
+            continue
+        with open(path, newline="") as fh:
+            warning = empty_prediction_warning(list(csv.DictReader(fh)), f"segmentation run {run}")
+        if warning:
+            out.append(warning)
+    return out

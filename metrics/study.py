@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from common.errors import UserError
-from metrics.downstream import (METRICS, N_BOOT, PRIMARY_METRIC, arm_statistics, compare_arms, finalise_family,
+from metrics.downstream import (METRICS, N_BOOT, PRIMARY_METRIC, RENAMED, arm_statistics, compare_arms, finalise_family,
                                 load_arm, seeds_pooled)
 from metrics.plan_targets import format_plan_targets, score_plan_targets
 
@@ -116,8 +116,8 @@ def format_statistics(s: dict[str, Any]) -> str:
         lines.append(f"{arm:<18} {cells[0]:>22} {cells[1]:>22} {cells[2]:>20} {cells[3]:>20}")
     for arm, a in s["arms"].items():
         auc = a["malignant_auc"]["mean"]
-        lines.append(f"{arm:<18} malignant recall {_ci(a.get('malignant_recall'), '.3f')}, benign specificity "
-                     f"{_ci(a.get('benign_specificity'), '.3f')}, ROC AUC {'n/a' if auc is None else f'{auc:.3f}'} "
+        lines.append(f"{arm:<18} malignant recall {_ci(a.get('malignant_recall'), '.3f')}, benign recall "
+                     f"{_ci(a.get('benign_recall'), '.3f')}, ROC AUC {'n/a' if auc is None else f'{auc:.3f}'} "
                      "(mean over seeds)")
     first = next(iter(s["arms"].values()), {})
     lines.append(f"arm CIs: {first.get('ci_method', 'n/a')}")
@@ -164,6 +164,13 @@ def find_runs(seg_dir: Path, known: Sequence[str]) -> dict[str, list[tuple[Path,
     return {arm: [(c, j) for _, c, j in sorted(v)] for arm, v in runs.items()}
 
 
+def _old(block: Mapping[str, Any], metric: str) -> Any:
+    """``block[metric]``, or the entry under the metric's name before a renaming (:data:`RENAMED`)."""
+    if metric in block:
+        return block[metric]
+    return next((v for old, new in RENAMED.items() if new == metric for v in [block.get(old)] if v is not None), None)
+
+
 def reanalyse(results_dir, synthetic: Mapping[str, bool], regime: Mapping[str, str] | None = None,
               primary_arm: str | None = None, n_boot: int = N_BOOT, seed: int = 0) -> dict[str, Any]:
     """Recompute a committed study's statistics from its per-image CSVs, beside what its summary.json said.
@@ -189,14 +196,14 @@ def reanalyse(results_dir, synthetic: Mapping[str, bool], regime: Mapping[str, s
         pooled = compare_arms(seeds_pooled(loaded[comp["baseline_arm"]]), seeds_pooled(loaded[comp["combined_arm"]]),
                               n_boot=n_boot, seed=seed)
         for metric, v in comp.get("metrics", {}).items():
-            was = ((old.get("comparisons") or {}).get(name) or {}).get("metrics", {}).get(metric)
+            was = _old(((old.get("comparisons") or {}).get(name) or {}).get("metrics", {}), metric)
             rows.append({"comparison": name, "metric": metric, "role": v.get("role"), "estimate": v.get("mean_diff"),
                          "old": interval(was, "mean_diff"), "image_only": interval(pooled["metrics"][metric], "mean_diff"),
                          "two_level": interval(v, "mean_diff")})
     arm_rows = []
     for arm, a in stats["arms"].items():
         for metric in METRICS:
-            was = ((old.get("arms") or {}).get(arm) or {}).get(metric)
+            was = _old((old.get("arms") or {}).get(arm) or {}, metric)
             arm_rows.append({"arm": arm, "metric": metric, "estimate": a[metric]["mean"],
                              "old": interval(was, "mean"), "two_level": interval(a[metric], "mean")})
     return {"source": str(res), "runs": {arm: [str(c) for c, _ in r] for arm, r in runs.items()}, **stats,

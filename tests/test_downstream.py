@@ -41,9 +41,9 @@ def test_estimates_by_hand():
     assert m["dice_malignant"]["mean_diff"] == pytest.approx(0.1) and m["dice_malignant"]["n"] == 2
     assert m["dice_benign"]["mean_diff"] == pytest.approx(0.1 / 3) and m["dice_benign"]["n"] == 3
     assert m["hd95_malignant"]["mean_diff"] == pytest.approx(-1.0) and m["hd95"]["better"] == "lower"
-    # malignant recall: baseline (1, 0.5) -> 0.75; benign specificity: baseline (1, 1, 0) -> 2/3
+    # malignant recall: baseline (1, 0.5) -> 0.75; benign recall: baseline (1, 1, 0) -> 2/3
     assert m["malignant_recall"]["baseline"] == pytest.approx(0.75)
-    assert m["benign_specificity"]["baseline"] == pytest.approx(2 / 3)
+    assert m["benign_recall"]["baseline"] == pytest.approx(2 / 3)
     assert m["balanced_accuracy"]["baseline"] == pytest.approx((0.75 + 2 / 3) / 2)
     assert m["balanced_accuracy"]["combined"] == pytest.approx(1.0)
     for v in m.values():
@@ -194,4 +194,4 @@ def test_finalise_family_marks_one_primary():
 
 def test_metric_names_are_unique():
     names = [m.name for m in METRICS.values()]
-    assert len(set(names)) == len(names) and METRICS["benign_specificity"].name == "benign specificity"
+    assert len(set(names)) == len(names) and METRICS["benign_recall"].name == "benign recall"

@@ -136,10 +136,24 @@ def test_end_to_end_metrics_and_report(run_outputs):
     assert "real vs real (floor)" in printed and f"leak check: 0 of {n_held} held-out" in printed
     n_syn = m["inputs"]["n_synthetic"]
     assert re.search(rf"copies \(NCC >= 0\.95 to a train image\) +{m['memorisation']['n_flagged']} of {n_syn}", printed)
+    assert "change = combined − baseline" in printed and "change [95% CI]" in printed
     for name in ("Dice", "IoU", "HD95 (px)", "balanced accuracy"):
-        line = next(ln for ln in printed.splitlines() if ln.startswith(f"{name}: baseline -> combined"))
-        assert "95% CI" in line and "p " in line
-    assert f"{dice['baseline']:.3f} -> {dice['combined']:.3f}" in printed
+        assert re.search(rf"^{re.escape(name)} +[0-9.]+ +[0-9.]+ +[-+][0-9.]+ \[[-+][0-9.]+, [-+][0-9.]+\] +[0-9.]",
+                         printed, re.M), name
+    diff = re.escape(f"{dice['mean_diff']:+.3f}")
+    assert re.search(rf"^Dice +{dice['baseline']:.3f} +{dice['combined']:.3f} +{diff} \[", printed, re.M)
+    # the answer first: the verdict box opens the printed summary and the report; nothing printed is wider than 100
+    lines = printed.splitlines()
+    top = next(k for k, ln in enumerate(lines) if ln.strip() == "THE ANSWER")
+    end = next(k for k, ln in enumerate(lines) if ln.startswith("wrote "))
+    assert lines[top - 1] == "=" * 100 and "realism" in lines[top + 2]
+    assert max(len(ln) for ln in lines[top - 1:end]) <= 100
+    assert [p["part"] for p in m["answer"]][:3] == ["realism", "memorisation", "downstream"]
+    assert "KID (headline)" in m["answer"][0]["text"] and "the primary endpoint" in m["answer"][2]["text"]
+    body = html[html.index("<body>") + len("<body>"):]
+    assert body.startswith("<section id='verdict'")
+    for fig_id in ("forest-plot", "roc-curve", "paired-dice", "confusion-matrix"):
+        assert f'<figure id="{fig_id}">' in html, fig_id
     # tumour Dice is the primary endpoint; the other metrics carry a Holm-adjusted p; the plan's targets are scored
     assert dice["role"] == "primary" and comp["primary"] and "two-level bootstrap" in comp["ci_method"]
     assert m["downstream"]["multiplicity"]["holm"]["m"] == sum(
@@ -148,7 +162,7 @@ def test_end_to_end_metrics_and_report(run_outputs):
     assert comp["metrics"]["dice_malignant"]["n"] > 0 and "Holm p" in html
     rows = {r["key"]: r for r in m["plan_targets"]["rows"]}
     assert rows["ssim"]["verdict"] == "ill-posed" and rows["dice_gain"]["verdict"] in ("met", "missed")
-    assert "plan target" in printed and "(primary)" in printed and "Holm p" in printed
+    assert "plan target" in printed and "primary" in printed and "Holm p" in printed
 
 
 def test_summary_printed(run_outputs, tmp_path_factory, capsys):
@@ -159,7 +173,8 @@ def test_summary_printed(run_outputs, tmp_path_factory, capsys):
                           "--kid_subsets", "30", "--skip", "ssim,diversity,memorisation"],
                          capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "real vs real (floor)" in res.stdout and "above floor" in res.stdout
+    assert "real vs real (floor)" in res.stdout and "worse than floor" in res.stdout
+    assert "not measured: skipped with --skip memorisation" in res.stdout.replace("\n" + " " * 24, " ")
     assert "features from cache" in res.stdout
     m = json.loads((out.parent / "deg" / "metrics.json").read_text())
     assert "similarity" not in m and "memorisation" not in m

@@ -94,7 +94,7 @@ def _fake_run(folder: Path, labels, preds, probs, dice, val_dice=0.8):
 
 
 def test_arm_summary_class_rates_auc_and_paired_differences(tmp_path):
-    """Malignant recall / benign specificity are the per-class hit rates, AUC is the Mann-Whitney statistic, and
+    """Malignant recall / benign recall are the per-class hit rates, AUC is the Mann-Whitney statistic, and
     the paired differences (metrics.downstream.compare_runs, as evaluate.py reports them) are arm minus baseline
     on the same images."""
     labels = ["malignant"] * 4 + ["benign"] * 6
@@ -105,13 +105,13 @@ def test_arm_summary_class_rates_auc_and_paired_differences(tmp_path):
     _fake_run(tmp_path / "a", labels, arm, probs, [0.9] * 10)
     s = evidence.arm_summary([tmp_path / "b"])
     assert s["malignant_recall"]["mean"] == pytest.approx(0.5)
-    assert s["benign_specificity"]["mean"] == pytest.approx(5 / 6)
+    assert s["benign_recall"]["mean"] == pytest.approx(5 / 6)
     # (malignant, benign) pairs ranked correctly, of 24: 0.9 and 0.8 beat all 6, 0.3 beats 3, 0.6 beats 5
     assert s["malignant_auc"]["mean"] == pytest.approx(20 / 24)
     assert s["balanced_accuracy"]["mean"] == pytest.approx((0.5 + 5 / 6) / 2)
     diff = compare_runs([tmp_path / "b"], [tmp_path / "a"])["metrics"]
     assert diff["malignant_recall"]["mean_diff"] == pytest.approx(0.5)
-    assert diff["benign_specificity"]["mean_diff"] == pytest.approx(4 / 6 - 5 / 6)
+    assert diff["benign_recall"]["mean_diff"] == pytest.approx(4 / 6 - 5 / 6)
 
 
 def test_arm_summary_without_one_class_does_not_crash(tmp_path):
@@ -119,12 +119,12 @@ def test_arm_summary_without_one_class_does_not_crash(tmp_path):
     _fake_run(tmp_path / "b", ["benign"] * 3, ["benign", "malignant", "benign"], [0.1, 0.6, 0.2], [0.7] * 3)
     s = evidence.arm_summary([tmp_path / "b"])
     assert s["malignant_recall"]["n"] == 0 and s["malignant_recall"]["mean"] != s["malignant_recall"]["mean"]
-    assert s["benign_specificity"]["mean"] == pytest.approx(2 / 3)
+    assert s["benign_recall"]["mean"] == pytest.approx(2 / 3)
     assert s["malignant_auc"]["mean"] is None
     diff = compare_runs([tmp_path / "b"], [tmp_path / "b"])["metrics"]
     assert diff["malignant_recall"]["n"] == 0 and math.isnan(diff["malignant_recall"]["mean_diff"])
     assert diff["dice_malignant"]["n"] == 0 and "skipped" in diff["dice_malignant"]
-    assert diff["benign_specificity"]["mean_diff"] == 0.0 and diff["dice_benign"]["n"] == 3
+    assert diff["benign_recall"]["mean_diff"] == 0.0 and diff["dice_benign"]["n"] == 3
 
 
 def test_diffusion_history_over_resumed_invocations(tmp_path):

@@ -191,6 +191,26 @@ def test_seeds_shortcut(data, tmp_path, capsys):
     assert "test Dice over 2 seeds" in capsys.readouterr().out
 
 
+def test_a_segmenter_that_predicts_nothing_is_loud(data, tmp_path, monkeypatch, capsys):
+    """Every test image predicted empty: a WARNING in metrics.json, printed last and in log.txt."""
+    import training.seg_trainer as trainer
+    real_predict = trainer.predict
+
+    def nothing(*args, **kwargs):
+        prob, cls = real_predict(*args, **kwargs)
+        return torch.zeros_like(prob), cls
+
+    monkeypatch.setattr(trainer, "predict", nothing)
+    train_segmentation.main(["--data_dir", data["small"], "--epochs", "1", *TINY_UNET, "--output_dir",
+                             str(tmp_path / "empty")])
+    m = json.loads((tmp_path / "empty" / "metrics.json").read_text())
+    assert len(m["warnings"]) == 1
+    assert f"EMPTY mask on every one of its {m['n_test_images']} test images" in m["warnings"][0]
+    out = capsys.readouterr().out
+    assert out.rstrip().splitlines()[-2].endswith(m["warnings"][0])
+    assert m["warnings"][0] in (tmp_path / "empty" / "log.txt").read_text()
+
+
 def test_evaluate_predictions_rules():
     gt = np.zeros((4, 8, 8), bool)
     gt[0, 2:5, 2:5] = gt[1, 2:5, 2:5] = gt[2, 1:3, 1:3] = True

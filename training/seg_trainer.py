@@ -25,7 +25,8 @@ from common.io import sha256_file
 from common.options import canonical_names, flat
 from common.rundir import RunDir
 from data.pairs import LABELS, TUMOUR_LABELS, PairDataset, dataset_fingerprint, open_pair_dataset, read_metadata
-from metrics.seg_eval import RULES, THRESHOLD, evaluate_predictions, mean_lesion_dice, predict, write_per_image_csv
+from metrics.seg_eval import (RULES, THRESHOLD, empty_prediction_warning, evaluate_predictions, mean_lesion_dice,
+                              predict, write_per_image_csv)
 from models.segmenters import build_segmenter, segmentation_loss, segmenter_spec
 from training.augment import augment
 from training.config import SEG_RESUMABLE, SegModelConfig, SegTrainConfig
@@ -359,6 +360,9 @@ class SegTrainer(Harness):
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
         metrics["evaluation_time_s"] = time.time() - t0
+        metrics["warnings"] = [w for w in [empty_prediction_warning(test_rows, "this run, on the test split,")] +
+                               [empty_prediction_warning(rows, f"this run, on --test_data {name},")
+                                for name, rows in ext_rows.items()] if w]
         # the per-image tables first, metrics.json last: a folder with metrics.json is a finished run
         write_per_image_csv(run.file("per_image_test.csv"), test_rows)
         for name, rows in ext_rows.items():
@@ -369,6 +373,9 @@ class SegTrainer(Harness):
             run.log(summary_line(name, section))
         run.log(f"metrics: {run.file('metrics.json')}; per image: {run.file('per_image_test.csv')}; "
                 f"{grid} (top: ground truth, bottom: prediction)")
+        for warning in metrics["warnings"]:   # loud, and last, so it is not lost above the summary lines
+            for line in ("!" * 80, warning, "!" * 80):
+                run.log(line)
         return metrics
 
     def _save_prediction_grid(self, n: int = 8) -> Path:
