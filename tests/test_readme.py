@@ -1,4 +1,4 @@
-"""Every command README.md shows for the project's scripts parses: the script exists, every flag is one of its
+"""Every command README.md and docs/*.md show for the project's scripts parses: the script exists, every flag is one of its
 flags with a valid value, and every --config preset it names exists and holds only that script's flags."""
 import importlib
 import importlib.util
@@ -26,8 +26,9 @@ def load_script(rel: str):
     return module
 
 
-def readme_commands():
-    text = (ROOT / "README.md").read_text()
+def readme_commands(paths=None):
+    paths = paths or [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    text = "\n".join(p.read_text() for p in paths)
     # shell blocks only: a fence opens a block at the start of a line, with no language or a shell one
     blocks = [code for lang, code in re.findall(r"^```([\w+-]*)\n(.*?)^```", text, flags=re.S | re.M)
               if lang in ("", "bash", "sh", "shell", "console")]
@@ -36,7 +37,9 @@ def readme_commands():
         joined = re.sub(r"\\\n\s*", " ", block)
         for line in joined.splitlines():
             line = line.split("#", 1)[0].strip()
-            words = shlex.split(line) if line else []
+            if not line.startswith(("python ", "torchrun ")):
+                continue          # prose or a layout drawn in a plain block
+            words = shlex.split(line)
             if words[:1] == ["torchrun"]:   # torchrun's own options come before the script
                 script = next((i for i, w in enumerate(words) if w.endswith(".py")), len(words))
                 words = ["python"] + words[script:]
@@ -49,9 +52,10 @@ COMMANDS = readme_commands()
 
 
 def test_readme_shows_every_phase():
-    shown = {Path(c[0]).stem for c in COMMANDS}
+    shown = {Path(c[0]).stem for c in readme_commands([ROOT / "README.md"])}
     assert {"prepare_busi_dataset", "train_medsegdiff", "generate_synthetic", "create_combined_dataset",
-            "train_segmentation", "evaluate", "segment_with_diffusion"} <= shown
+            "train_segmentation", "evaluate", "export_model"} <= shown
+    assert "segment_with_diffusion" in {Path(c[0]).stem for c in COMMANDS}     # in docs/model.md
 
 
 @pytest.mark.parametrize("argv", COMMANDS, ids=[" ".join(c)[:60] for c in COMMANDS])
