@@ -26,6 +26,8 @@ from scipy import ndimage
 from scipy.stats import ks_2samp, wasserstein_distance
 from skimage import measure
 
+from metrics.floors import real_resplits, subsets, summarise, verdict
+
 FEATURES = ("area_fraction", "circularity", "solidity", "aspect_ratio", "height_width", "irregularity",
             "n_components", "contrast")
 MIN_LESIONS = 5      # fewer lesions than this in a class: its morphology is not computed
@@ -115,7 +117,6 @@ def evaluate_morphology(syn_images: np.ndarray, syn_masks: np.ndarray, syn_label
                         ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Per class: feature summaries, distances synthetic-vs-train beside train-vs-held-out floors, empty-mask
     fractions. Returns (metrics, raw feature tables for the histograms)."""
-    from metrics.generation import real_resplits, subsets, summarise, verdict
     rng = np.random.default_rng(seed)
     real_is_heldout = np.asarray(real_is_heldout, bool)
     syn_t, syn_keep = feature_table(syn_images, syn_masks)

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from metrics.floors import MetricUnavailable, subsets, summarise, verdict
+
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 WIN, SIGMA = 11, 1.5
 
@@ -165,7 +167,6 @@ def evaluate_similarity(syn: np.ndarray, real: np.ndarray, real_is_heldout: np.n
                         n_pairs: int = 500, do_nearest: bool = True, do_diversity: bool = True
                         ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Nearest-real SSIM and MS-SSIM diversity, each beside its real-vs-real floor. Returns (metrics, raw arrays)."""
-    from metrics.generation import MetricUnavailable, subsets, summarise, verdict
     rng = np.random.default_rng(seed)
     held = np.asarray(real_is_heldout, bool)
     train, heldout = real[~held], real[held]
