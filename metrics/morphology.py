@@ -19,7 +19,7 @@ two-sample Kolmogorov-Smirnov statistic; both also between the real training and
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -170,8 +170,3 @@ def evaluate_morphology(syn_images: np.ndarray, syn_masks: np.ndarray, syn_label
                    mean_wasserstein={"synthetic": s, "floor": f, "verdict": verdict(s, f)})
         out["per_class"][lab] = res
     return out, raw
-
-
-def summary_features(table: dict[str, np.ndarray], labels: Sequence[str]) -> dict[str, dict[str, float]]:
-    labels = np.asarray(labels)
-    return {lab: {k: float(v[labels == lab].mean()) for k, v in table.items()} for lab in sorted(set(labels))}

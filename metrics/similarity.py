@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from metrics.floors import MetricUnavailable, subsets, summarise, verdict
+from metrics.segmentation import dice
 
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 WIN, SIGMA = 11, 1.5
@@ -205,14 +206,6 @@ def evaluate_similarity(syn: np.ndarray, real: np.ndarray, real_is_heldout: np.n
 
 
 # ============================================================================ mask-image alignment
-def dice(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-image Dice of binary masks [N,S,S]; 1 when both are empty."""
-    a, b = a.reshape(len(a), -1).astype(bool), b.reshape(len(b), -1).astype(bool)
-    inter = (a & b).sum(1)
-    tot = a.sum(1) + b.sum(1)
-    return np.where(tot == 0, 1.0, 2.0 * inter / np.maximum(tot, 1))
-
-
 @torch.no_grad()
 def predict_masks(model, images: np.ndarray, model_size: int = 0, batch: int = 32, device: str = "cpu"
                   ) -> np.ndarray:
