@@ -79,8 +79,7 @@ def build_parser():
                         "near-duplicates across the splits)")
     p.add_argument("--near_duplicate_threshold", type=float, default=THRESHOLD, metavar="SCORE",
                    help="score from which two images are near-duplicates (1 = the same pixels up to brightness and "
-                        f"contrast; default {THRESHOLD}: on BUS-BRA, distinct scans scored at most 0.84, the same scan "
-                        "saved twice 0.87 and more); also the leak check's threshold")
+                        "contrast; the README says how the default was chosen); also the leak check's threshold")
     p.add_argument("--workers", type=positive_int, default=None,
                    help="processes decoding images in parallel (None: one per CPU core)")
     return p
