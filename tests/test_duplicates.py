@@ -220,4 +220,4 @@ def test_flags_and_printed_summary(phantom_runs, tmp_path, capsys):
     assert err.value.code == 2 and "--near_duplicate_threshold must be in (0, 1]" in capsys.readouterr().err
     help_text = " ".join(prep.build_parser().format_help().split())
     assert "--near_duplicates" in help_text and "--near_duplicate_threshold" in help_text
-    assert f"default {THRESHOLD}" in help_text
+    assert f"(default: {THRESHOLD})" in help_text
