@@ -3,7 +3,6 @@ the fold-preserving split, the leak check, and the whole path on a phantom with 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +13,8 @@ from data.duplicates import (THRESHOLD, leak_check, leak_line, nearest, signatur
 from data.pairs import open_pair_dataset
 from data.splits import fold_splits, resolve_duplicates
 from phantom.copies import NEAR_VARIANTS, resave
-from phantom.simulator import case_rng, render_full
+from phantom.render import render_full
+from phantom.simulator import case_rng
 
 LABELS = ("benign", "malignant", "normal")
 
