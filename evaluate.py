@@ -8,7 +8,7 @@ from __future__ import annotations
 import datetime as _dt
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -16,6 +16,7 @@ from common.errors import UserError
 from common.cli import (csv_list, make_parser, parse_config, positive_int, print_config,
                         resolved_config, run_main)
 from common.io import atomic_write_json, atomic_write_text
+from metrics.registry import EvalContext, EvalOptions, resolve_skip, run_stages, skip_names, stage_enabled
 
 EPILOG = """examples:
   python evaluate.py --real_data ./data/busi_processed --synthetic_data ./synthetic_busi --output_dir ./results/eval
@@ -31,7 +32,7 @@ EPILOG = """examples:
   python evaluate.py --score_reader_study answers.csv --key ./results/reader_study/reader_study_key.json \
       --output_dir ./results/reader_study
 """
-STAGES = ("fid", "kid", "is", "ssim", "diversity", "morphology", "memorisation", "downstream")
+STAGES = skip_names()   # a stage name, or one metric inside a stage (metrics/registry.py)
 MIN_HELDOUT = 10
 
 
@@ -126,57 +127,6 @@ def _counts(labels: np.ndarray) -> dict[str, int]:
     return {str(k): int(v) for k, v in zip(*np.unique(labels, return_counts=True))}
 
 
-def _generation(args, d, device) -> dict[str, Any]:
-    from metrics import generation as G
-    want = [m for m in ("fid", "kid", "is") if m not in args.skip]
-    weights = G.resolve_inception_weights(args.inception_weights)
-    print(f"inception: {weights.note}")
-    extractor = G.create_extractor(weights, device)
-    info: dict[str, Any] = {"weights": weights.as_dict()}
-    if weights.mode == "offline":
-        info["offline_check_max_abs_diff"] = G.offline_forward_check(extractor)
-    names = [G.FEATURE, G.LOGITS] if weights.has_logits else [G.FEATURE]
-    cache = G.FeatureCache(args.cache_dir, weights, names)
-    feats = {}
-    for key, images in (("real", d["real_images"]), ("synthetic", d["syn_images"])):
-        feats[key], hit = cache.get_or_compute(images, lambda: G.extract_features(images, extractor,
-                                                                                  args.batch_size, key))
-        print(f"  {key}: {len(images)} images, features {'from cache' if hit else 'computed'} ({cache.path(images)})")
-    if not weights.has_logits and "is" in want:
-        info["is_unavailable"] = "the offline FID Inception has no classifier (logits): IS unavailable"
-    res = G.evaluate_generation(feats, {"synthetic": d["syn_labels"], "real": d["real_labels"]}, d["real_groups"],
-                                d["real_heldout"], args.floor_draws, args.seed, args.kid_subsets, want)
-    return {**info, **res, "fid_method": "exact low-rank identity when N <= 2048 (equal to torch-fidelity's "
-            "fid_statistics_to_metric, see tests), torch-fidelity's own function otherwise"}
-
-
-def _downstream(args, d, device) -> dict[str, Any]:
-    from metrics.downstream import compare_runs, finalise_family
-    from metrics.seg_eval import run_warnings
-    from metrics.similarity import mask_alignment, predict_masks
-    from models.loading import load_segmenter
-    out: dict[str, Any] = {}
-    if args.baseline_run:
-        preds = []
-        for run in args.baseline_run:
-            model, size = load_segmenter(run)
-            preds.append(predict_masks(model, d["syn_images"], size, device=device))
-        # several seeds: a pixel is predicted lesion when most seeds say so
-        pred = (np.mean(preds, axis=0) > 0.5).astype(np.uint8)
-        out["alignment"] = mask_alignment(d["syn_masks"], pred, d["syn_labels"])
-    if args.baseline_run and args.combined_run:
-        comp = compare_runs(args.baseline_run, args.combined_run, seed=args.seed)
-        if "metrics" in comp:   # tumour Dice is the primary endpoint; the other metrics are Holm-adjusted
-            out["multiplicity"] = finalise_family({"combined - baseline": comp}, "combined - baseline")
-        out["comparison"] = comp
-    elif args.combined_run:
-        out["comparison"] = {"skipped": "--combined_run needs --baseline_run to compare against"}
-    out["warnings"] = run_warnings([*(args.baseline_run or []), *(args.combined_run or [])])   # predicts nothing
-    for w in out["warnings"]:
-        print(w)
-    return out
-
-
 def _reader_study(args) -> int:
     """--reader_study N / --score_reader_study CSV: the expert "Turing test" instead of the metrics."""
     from metrics import reader_study as RS
@@ -223,10 +173,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     d = _load_sets(args)
     _fewer_page_faults()
     from metrics import report as R
-    from metrics.generation import MetricUnavailable, check_local_weights
+    from metrics.inception import check_local_weights
     from common.precision import resolve_device
     device = str(resolve_device(args.device))   # 'auto' -> cuda when there is one; a bad name is one clear line
-    if args.inception_weights not in ("auto", "download", "offline") and not {"fid", "kid", "is"} <= set(args.skip):
+    skipped = resolve_skip(args.skip)
+    if args.inception_weights not in ("auto", "download", "offline") and stage_enabled("generation", skipped):
         check_local_weights(Path(args.inception_weights).expanduser())
     n_held = int(d["real_heldout"].sum())
     metrics: dict[str, Any] = {
@@ -244,47 +195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(leak_line(metrics["leak_check"]))
     if not metrics["leak_check"]["ok"]:
         metrics["warnings"].append(leak_line(metrics["leak_check"]))
-    floors_ok = n_held >= MIN_HELDOUT
-    no_floor = f"{args.real_data} has {n_held} held-out (val+test) real images; floors need at least {MIN_HELDOUT}"
+    no_floor = None if n_held >= MIN_HELDOUT else (f"{args.real_data} has {n_held} held-out (val+test) real images; "
+                                                   f"floors need at least {MIN_HELDOUT}")
     raw: dict[str, Any] = {}
-
-    def stage(name: str, enabled: bool, fn: Callable[[], Any], needs_floor: bool = True) -> None:
-        if not enabled:
-            return
-        t0 = time.time()
-        print(f"[{name}] ...", flush=True)
-        try:
-            if needs_floor and not floors_ok:
-                raise MetricUnavailable(no_floor)
-            result = fn()
-        except MetricUnavailable as exc:
-            result = {"skipped": str(exc)}
-            metrics["warnings"].append(f"{name}: skipped — {exc}")
-        if isinstance(result, tuple):
-            result, raw[name] = result
-        metrics[name] = result
-        metrics["warnings"].extend(result.get("warnings", []) if isinstance(result, dict) else [])
-        metrics["timings_s"][name] = round(time.time() - t0, 2)
-        print(f"[{name}] done in {time.time() - t0:.1f} s", flush=True)
-
-    from metrics.memorisation import evaluate_memorisation
-    from metrics.morphology import evaluate_morphology
-    from metrics.similarity import evaluate_similarity
-    real_i, held = d["real_images"], d["real_heldout"]
-    stage("generation", any(m not in args.skip for m in ("fid", "kid", "is")), lambda: _generation(args, d, device))
-    stage("similarity", "ssim" not in args.skip or "diversity" not in args.skip, lambda: evaluate_similarity(
-        d["syn_images"], real_i, held, d["syn_labels"], d["real_labels"], args.floor_draws, args.seed,
-        args.ssim_top_k, args.diversity_pairs, "ssim" not in args.skip, "diversity" not in args.skip))
-    stage("morphology", "morphology" not in args.skip, lambda: evaluate_morphology(
-        d["syn_images"], d["syn_masks"], d["syn_labels"], real_i, d["real_masks"], d["real_labels"],
-        d["real_groups"], held, args.floor_draws, args.seed))
-    stage("memorisation", "memorisation" not in args.skip, lambda: evaluate_memorisation(
-        d["syn_images"], real_i[~held], real_i[held], d["syn_ids"], d["train_ids"], args.memorisation_threshold),
-        needs_floor=False)
-    stage("downstream", "downstream" not in args.skip and bool(args.baseline_run or args.combined_run),
-          lambda: _downstream(args, d, device), needs_floor=False)
-    ran = [k for k in ("generation", "similarity", "morphology", "memorisation", "downstream")
-           if isinstance(metrics.get(k), dict) and "skipped" not in metrics[k]]
+    ran = run_stages(EvalContext(d, device, EvalOptions.from_mapping(vars(args)), skipped), metrics, raw, no_floor)
     if not ran:
         reasons = "; ".join(f"{k}: {metrics[k]['skipped']}" for k in metrics if isinstance(metrics[k], dict)
                             and "skipped" in metrics[k])

@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None, *, after_batch=None) -> int:
-    from sampling.generation import GenerationRequest, format_summary, resolve_classes, resolve_counts
+    from sampling.generation import GenerationRequest, format_summary
+    from sampling.plan import resolve_classes, resolve_counts
     from models.diffusion import DEFAULT_STEPS
     args = parse_config(build_parser(), argv)
     classes = resolve_classes(args.classes)

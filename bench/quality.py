@@ -259,7 +259,7 @@ _EXTRACTOR = []
 
 
 def inception_features(images) -> dict[str, Any]:
-    from metrics.generation import create_extractor, extract_features, resolve_inception_weights
+    from metrics.inception import create_extractor, extract_features, resolve_inception_weights
     if not _EXTRACTOR:
         _EXTRACTOR.append(create_extractor(resolve_inception_weights("offline"), "cpu"))
     return extract_features(images, _EXTRACTOR[0], progress=False)

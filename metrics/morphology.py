@@ -19,12 +19,14 @@ two-sample Kolmogorov-Smirnov statistic; both also between the real training and
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
 from scipy.stats import ks_2samp, wasserstein_distance
 from skimage import measure
+
+from metrics.floors import real_resplits, subsets, summarise, verdict
 
 FEATURES = ("area_fraction", "circularity", "solidity", "aspect_ratio", "height_width", "irregularity",
             "n_components", "contrast")
@@ -115,7 +117,6 @@ def evaluate_morphology(syn_images: np.ndarray, syn_masks: np.ndarray, syn_label
                         ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Per class: feature summaries, distances synthetic-vs-train beside train-vs-held-out floors, empty-mask
     fractions. Returns (metrics, raw feature tables for the histograms)."""
-    from metrics.generation import real_resplits, subsets, summarise, verdict
     rng = np.random.default_rng(seed)
     real_is_heldout = np.asarray(real_is_heldout, bool)
     syn_t, syn_keep = feature_table(syn_images, syn_masks)
@@ -169,8 +170,3 @@ def evaluate_morphology(syn_images: np.ndarray, syn_masks: np.ndarray, syn_label
                    mean_wasserstein={"synthetic": s, "floor": f, "verdict": verdict(s, f)})
         out["per_class"][lab] = res
     return out, raw
-
-
-def summary_features(table: dict[str, np.ndarray], labels: Sequence[str]) -> dict[str, dict[str, float]]:
-    labels = np.asarray(labels)
-    return {lab: {k: float(v[labels == lab].mean()) for k, v in table.items()} for lab in sorted(set(labels))}

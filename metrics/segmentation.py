@@ -5,6 +5,8 @@ Rules (every number the project reports about a segmenter follows them):
 * Masks are binarised with ``> 0`` (bool / {0,1} / {0,255} all work); predictions are binarised by the
   caller (e.g. ``sigmoid(logits) > 0.5``, see :func:`binarize`). Metrics are computed at the evaluated
   size, in pixels.
+* **Dice** of two masks is ``2|P & G| / (|P| + |G|)`` (:func:`dice`, the project's only Dice). Its one rule for
+  empty masks: two empty masks agree (Dice 1); an empty mask against a non-empty one gives 0.
 * A **lesion image** has a non-empty ground truth. Dice, IoU and HD95 are defined **only** on lesion
   images. An empty prediction on a lesion image gives Dice 0, IoU 0 and HD95 = the image diagonal
   ``sqrt(H^2 + W^2)`` (the largest distance possible in the image).
@@ -32,6 +34,7 @@ from scipy import ndimage
 
 __all__ = [
     "binarize",
+    "dice",
     "dice_iou",
     "hd95",
     "false_positive",
@@ -75,16 +78,25 @@ def binarize(logits: Any, threshold: float = 0.5) -> np.ndarray:
     return _to_bool(np.asarray(logits) > logit_threshold)
 
 
+def dice(pred: Any, gt: Any) -> np.ndarray:
+    """Per-image Dice ``2|P & G| / (|P| + |G|)``, float64 [N]; 1 where both masks are empty (see module rules)."""
+    p, g = _pair(pred, gt)
+    inter = np.logical_and(p, g).sum(axis=(1, 2)).astype(np.float64)
+    total = (p.sum(axis=(1, 2)) + g.sum(axis=(1, 2))).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(total == 0, 1.0, 2.0 * inter / total)
+
+
 def dice_iou(pred: Any, gt: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Per-image Dice and IoU, float64 [N]; NaN where the ground truth is empty (see module rules)."""
+    """Per-image Dice (:func:`dice`) and IoU of a segmenter, float64 [N], on lesion images only: NaN where the
+    ground truth is empty (those images get the false-positive flag instead; see module rules)."""
     p, g = _pair(pred, gt)
     inter = np.logical_and(p, g).sum(axis=(1, 2)).astype(np.float64)
     ps, gs = p.sum(axis=(1, 2)).astype(np.float64), g.sum(axis=(1, 2)).astype(np.float64)
     lesion = gs > 0
     with np.errstate(divide="ignore", invalid="ignore"):
-        dice = np.where(lesion, 2.0 * inter / (ps + gs), np.nan)
         iou = np.where(lesion, inter / (ps + gs - inter), np.nan)
-    return dice, iou
+    return np.where(lesion, dice(p, g), np.nan), iou
 
 
 def _surface(masks: np.ndarray) -> np.ndarray:

@@ -19,6 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from metrics.floors import MetricUnavailable, subsets, summarise, verdict
+from metrics.segmentation import dice
+
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 WIN, SIGMA = 11, 1.5
 
@@ -165,7 +168,6 @@ def evaluate_similarity(syn: np.ndarray, real: np.ndarray, real_is_heldout: np.n
                         n_pairs: int = 500, do_nearest: bool = True, do_diversity: bool = True
                         ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Nearest-real SSIM and MS-SSIM diversity, each beside its real-vs-real floor. Returns (metrics, raw arrays)."""
-    from metrics.generation import MetricUnavailable, subsets, summarise, verdict
     rng = np.random.default_rng(seed)
     held = np.asarray(real_is_heldout, bool)
     train, heldout = real[~held], real[held]
@@ -204,14 +206,6 @@ def evaluate_similarity(syn: np.ndarray, real: np.ndarray, real_is_heldout: np.n
 
 
 # ============================================================================ mask-image alignment
-def dice(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-image Dice of binary masks [N,S,S]; 1 when both are empty."""
-    a, b = a.reshape(len(a), -1).astype(bool), b.reshape(len(b), -1).astype(bool)
-    inter = (a & b).sum(1)
-    tot = a.sum(1) + b.sum(1)
-    return np.where(tot == 0, 1.0, 2.0 * inter / np.maximum(tot, 1))
-
-
 @torch.no_grad()
 def predict_masks(model, images: np.ndarray, model_size: int = 0, batch: int = 32, device: str = "cpu"
                   ) -> np.ndarray:

@@ -3,7 +3,6 @@ the fold-preserving split, the leak check, and the whole path on a phantom with 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +13,8 @@ from data.duplicates import (THRESHOLD, leak_check, leak_line, nearest, signatur
 from data.pairs import open_pair_dataset
 from data.splits import fold_splits, resolve_duplicates
 from phantom.copies import NEAR_VARIANTS, resave
-from phantom.simulator import case_rng, render_full
+from phantom.render import render_full
+from phantom.simulator import case_rng
 
 LABELS = ("benign", "malignant", "normal")
 
@@ -220,4 +220,4 @@ def test_flags_and_printed_summary(phantom_runs, tmp_path, capsys):
     assert err.value.code == 2 and "--near_duplicate_threshold must be in (0, 1]" in capsys.readouterr().err
     help_text = " ".join(prep.build_parser().format_help().split())
     assert "--near_duplicates" in help_text and "--near_duplicate_threshold" in help_text
-    assert f"default {THRESHOLD}" in help_text
+    assert f"(default: {THRESHOLD})" in help_text

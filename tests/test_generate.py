@@ -16,6 +16,7 @@ import generate_synthetic
 from common.errors import UserError
 from common.io import sha256_file
 from sampling import generation as synthetic
+from sampling import plan
 from data.pairs import open_pair_dataset, write_index
 
 from conftest import make_tiny_checkpoint
@@ -57,7 +58,7 @@ def test_valid_dataset_with_counts_and_provenance(ckpt, reference, capsys):
     assert sum(r["split"] != "train" or r["source"] != "synthetic" for r in ds.rows) == 0
     sha = sha256_file(ckpt)
     for row in ds.rows:
-        label, j = synthetic.parse_pair_id(row["id"])
+        label, j = plan.parse_pair_id(row["id"])
         assert row["label"] == label and int(row["candidate"]) == j
         assert int(row["seed"]) == 0 + 1_000_003 * ("benign", "malignant").index(label) + j
         assert row["checkpoint_sha256"] == sha and row["checkpoint"] == "best_model.pth"
@@ -197,12 +198,12 @@ def simulate(targets, oracle, world, batch, interrupt_after=None, statuses=None,
     caps = {c: cap_factor * n for c, n in targets.items()}
     drawn = 0
     while True:
-        items = synthetic.next_round(targets, statuses, caps)
+        items = plan.next_round(targets, statuses, caps)
         if not items:
             break
         results = []
         for rank in range(world):
-            mine = synthetic.shard(items, rank, world)
+            mine = plan.shard(items, rank, world)
             for start in range(0, len(mine), batch):
                 for c, j in mine[start:start + batch]:
                     results.append((c, j, oracle(c, j)))
@@ -213,7 +214,7 @@ def simulate(targets, oracle, world, batch, interrupt_after=None, statuses=None,
                         return statuses, None
         for c, j, ok in results:
             statuses[c][j] = ok
-    return statuses, {c: synthetic.selection(n, statuses[c], caps[c])[0] for c, n in targets.items()}
+    return statuses, {c: plan.selection(n, statuses[c], caps[c])[0] for c, n in targets.items()}
 
 
 def test_sharding_selection_independent_of_world_size_batch_and_interruption():
@@ -229,20 +230,20 @@ def test_sharding_selection_independent_of_world_size_batch_and_interruption():
     _, resumed = simulate(targets, oracle, 1, 5, statuses=partial)
     assert resumed == want
     # rank r draws every world-th candidate of a round; ranks together draw each exactly once
-    items = synthetic.next_round(targets, {c: {} for c in targets}, {c: 100 for c in targets})
+    items = plan.next_round(targets, {c: {} for c in targets}, {c: 100 for c in targets})
     assert items[:3] == [("benign", 0), ("benign", 1), ("benign", 2)]
-    parts = [synthetic.shard(items, r, 2) for r in range(2)]
+    parts = [plan.shard(items, r, 2) for r in range(2)]
     assert parts[0][:2] == [("benign", 0), ("benign", 2)] and sorted(parts[0] + parts[1]) == sorted(items)
 
 
 def test_plan_and_selection():
     st = {0: True, 1: False, 3: True}
-    assert synthetic.plan_class(3, st, cap=100) == [2]
-    assert synthetic.plan_class(3, st, cap=100, overdraw_rate=0.5) == [2, 4]
-    assert synthetic.selection(2, st, cap=100) == (None, 2)
-    assert synthetic.selection(2, {**st, 2: False}, cap=100) == ([0, 3], 4)
-    assert synthetic.selection(3, {0: False, 1: False}, cap=2) == (None, -1)
-    assert synthetic.plan_class(0, {}, cap=0) == []
+    assert plan.plan_class(3, st, cap=100) == [2]
+    assert plan.plan_class(3, st, cap=100, overdraw_rate=0.5) == [2, 4]
+    assert plan.selection(2, st, cap=100) == (None, 2)
+    assert plan.selection(2, {**st, 2: False}, cap=100) == ([0, 3], 4)
+    assert plan.selection(3, {0: False, 1: False}, cap=2) == (None, -1)
+    assert plan.plan_class(0, {}, cap=0) == []
 
 
 def _rank_main(rank, world, port, argv):
@@ -297,15 +298,15 @@ def busi_like(tmp_path):
 
 
 def test_balance_to_numbers(busi_like, capsys):
-    assert synthetic.resolve_counts(["benign", "malignant"], None, busi_like, None) == {"benign": 0, "malignant": 36}
-    assert synthetic.resolve_counts(["benign", "malignant"], None, busi_like, 200) == {"benign": 32, "malignant": 68}
-    assert synthetic.resolve_counts(["benign", "malignant"], None, busi_like, 136) == {"benign": 0, "malignant": 36}
+    assert plan.resolve_counts(["benign", "malignant"], None, busi_like, None) == {"benign": 0, "malignant": 36}
+    assert plan.resolve_counts(["benign", "malignant"], None, busi_like, 200) == {"benign": 32, "malignant": 68}
+    assert plan.resolve_counts(["benign", "malignant"], None, busi_like, 136) == {"benign": 0, "malignant": 36}
     generate_synthetic.main(["--balance_to", busi_like, "--total", "200", "--dry-run"])
     assert "'benign': 32, 'malignant': 68" in capsys.readouterr().out
     with pytest.raises(UserError, match=r"--total 100 is impossible.*68 benign and 32 malignant.*>= 136"):
-        synthetic.resolve_counts(["benign", "malignant"], None, busi_like, 100)
+        plan.resolve_counts(["benign", "malignant"], None, busi_like, 100)
     with pytest.raises(UserError, match="must be even"):
-        synthetic.resolve_counts(["benign", "malignant"], None, busi_like, 201)
+        plan.resolve_counts(["benign", "malignant"], None, busi_like, 201)
     with pytest.raises(UserError, match="choose one"):
         generate_synthetic.main(["--balance_to", busi_like, "--num_samples_per_class", "5", "--dry-run"])
     with pytest.raises(UserError, match="give --balance_to"):

@@ -16,7 +16,9 @@ import torch
 from scipy import ndimage
 
 from data.pairs import PairDatasetWriter, open_pair_dataset
+from metrics import floors as Fl
 from metrics import generation as G
+from metrics import inception as IN
 
 SIZE = 64
 N_PHANTOM_REAL = 84   # -> about 58 train + 26 held-out (val + test) pairs after prepare's splits
@@ -130,19 +132,19 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def offline():
-    weights = G.resolve_inception_weights("offline")
-    return weights, G.create_extractor(weights)
+    weights = IN.resolve_inception_weights("offline")
+    return weights, IN.create_extractor(weights)
 
 
 @pytest.fixture(scope="module")
 def feats(data, offline):
     paths, sets = data
     weights, extractor = offline
-    cache = G.FeatureCache(paths["cache"], weights, [G.FEATURE])
+    cache = IN.FeatureCache(paths["cache"], weights, [IN.FEATURE])
     out = {}
     for name, key in (("real", "real_images"), ("synthetic", None), ("degraded", None)):
         images = sets["synthetic"]["real_images"] if key else sets[name]["syn_images"]
-        out[name], _ = cache.get_or_compute(images, lambda: G.extract_features(images, extractor, progress=False))
+        out[name], _ = cache.get_or_compute(images, lambda: IN.extract_features(images, extractor, progress=False))
     return out
 
 
@@ -151,8 +153,8 @@ def test_offline_weights_map_onto_torch_fidelity(offline):
     weights, extractor = offline
     assert weights.mode == "offline" and not weights.has_logits and len(weights.sha256) == 64
     # the fid-helper TorchScript network and torch-fidelity's InceptionV3 carrying the mapped weights
-    assert G.offline_forward_check(extractor, n=2, seed=3) < 1e-4
-    sd = G.map_fidhelper_weights()
+    assert IN.offline_forward_check(extractor, n=2, seed=3) < 1e-4
+    sd = IN.map_fidhelper_weights()
     assert torch.isnan(sd["fc.weight"]).all()  # no classifier: never offered as a feature
     assert "logits_unbiased" not in extractor.get_provided_features_list()
 
@@ -162,10 +164,10 @@ def test_fid_kid_equal_torch_fidelity_pipeline(data, feats):
     import torch_fidelity
     _, sets = data
     a, b = sets["synthetic"]["real_images"][:12], sets["synthetic"]["syn_images"][:12]
-    tf = torch_fidelity.calculate_metrics(input1=G._GrayAs3(a), input2=G._GrayAs3(b), fid=True, kid=True,
-                                          kid_subset_size=12, kid_subsets=20, feature_extractor=G.OFFLINE_EXTRACTOR,
+    tf = torch_fidelity.calculate_metrics(input1=IN._GrayAs3(a), input2=IN._GrayAs3(b), fid=True, kid=True,
+                                          kid_subset_size=12, kid_subsets=20, feature_extractor=IN.OFFLINE_EXTRACTOR,
                                           cuda=False, cache=False, verbose=False, save_cpu_ram=True, rng_seed=7)
-    fa, fb = feats["real"][G.FEATURE][:12], feats["synthetic"][G.FEATURE][:12]
+    fa, fb = feats["real"][IN.FEATURE][:12], feats["synthetic"][IN.FEATURE][:12]
     ours = G.fid(fa, fb)
     assert ours == pytest.approx(tf["frechet_inception_distance"], rel=1e-3)
     assert G.kid(fa, fb, subsets=20, seed=7)[0] == pytest.approx(tf["kernel_inception_distance_mean"], rel=1e-3,
@@ -173,13 +175,13 @@ def test_fid_kid_equal_torch_fidelity_pipeline(data, feats):
 
 
 def test_lowrank_fid_is_torch_fidelity_fid(feats):
-    f1, f2 = feats["real"][G.FEATURE], feats["degraded"][G.FEATURE]
+    f1, f2 = feats["real"][IN.FEATURE], feats["degraded"][IN.FEATURE]
     assert G.fid_lowrank(f1, f2) == pytest.approx(G.fid_torch_fidelity(f1, f2), rel=1e-4)
 
 
 def test_auto_falls_back_to_offline_without_network(capsys):
-    w = G.resolve_inception_weights("auto", probe=lambda: (False, "URLError: no network"))
-    if G.torch_fidelity_cached_weights().is_file():
+    w = IN.resolve_inception_weights("auto", probe=lambda: (False, "URLError: no network"))
+    if IN.torch_fidelity_cached_weights().is_file():
         pytest.skip("torch-fidelity weights are cached on this machine")
     assert w.mode == "offline" and "not downloadable (URLError: no network)" in w.note
 
@@ -187,24 +189,24 @@ def test_auto_falls_back_to_offline_without_network(capsys):
 def test_missing_weights_file_is_a_user_error(tmp_path):
     from common.errors import UserError
     with pytest.raises(UserError, match="not found"):
-        G.resolve_inception_weights(str(tmp_path / "nope.pth"))
+        IN.resolve_inception_weights(str(tmp_path / "nope.pth"))
     (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="bad.pth"):
-        G.resolve_inception_weights(str(tmp_path / "bad.pth"))
+        IN.resolve_inception_weights(str(tmp_path / "bad.pth"))
 
 
 def test_feature_cache_hit(tmp_path, offline):
     weights, _ = offline
-    cache = G.FeatureCache(tmp_path, weights, [G.FEATURE])
+    cache = IN.FeatureCache(tmp_path, weights, [IN.FEATURE])
     images = np.zeros((3, 16, 16), np.uint8)
     calls = []
-    fake = lambda: (calls.append(1), {G.FEATURE: torch.ones(3, 4)})[1]
+    fake = lambda: (calls.append(1), {IN.FEATURE: torch.ones(3, 4)})[1]
     first, hit1 = cache.get_or_compute(images, fake)
     second, hit2 = cache.get_or_compute(images, fake)
-    assert (hit1, hit2) == (False, True) and len(calls) == 1 and torch.equal(first[G.FEATURE], second[G.FEATURE])
+    assert (hit1, hit2) == (False, True) and len(calls) == 1 and torch.equal(first[IN.FEATURE], second[IN.FEATURE])
     images[0, 0, 0] = 1  # different bytes: different key
     assert not cache.get_or_compute(images, fake)[1]
-    other = G.FeatureCache(tmp_path, G.InceptionWeights("file", "x", "p", "n", "f" * 64, True, ""), [G.FEATURE])
+    other = IN.FeatureCache(tmp_path, IN.InceptionWeights("file", "x", "p", "n", "f" * 64, True, ""), [IN.FEATURE])
     assert other.path(images) != cache.path(images)
 
 
@@ -213,7 +215,7 @@ def test_kid_subset_size_and_is():
     rng = np.random.default_rng(0)
     f1, f2 = torch.from_numpy(rng.normal(size=(30, 64))), torch.from_numpy(rng.normal(size=(25, 64)))
     assert G.kid(f1, f2, subsets=5)[2] == 25
-    with pytest.raises(G.MetricUnavailable, match="IS unavailable"):
+    with pytest.raises(Fl.MetricUnavailable, match="IS unavailable"):
         G.inception_score(None)
     logits = torch.from_numpy(rng.normal(size=(40, 10)) * 3)
     mean, _ = G.inception_score(logits, splits=4)
@@ -237,7 +239,7 @@ def test_resplits_keep_groups_together():
     rng = np.random.default_rng(0)
     groups = np.array(["a", "a", "b", "c", "c", "c", "d", "e", "f", "g"])
     held = np.array([0, 0, 0, 0, 0, 0, 1, 1, 1, 0], bool)
-    splits = G.real_resplits(groups, held, 6, rng)
+    splits = Fl.real_resplits(groups, held, 6, rng)
     assert np.array_equal(splits[0][1], np.flatnonzero(held))
     for ref, he in splits:
         assert len(he) == 3 and not set(groups[ref]) & set(groups[he])
@@ -245,11 +247,11 @@ def test_resplits_keep_groups_together():
 
 def test_verdicts():
     floor = {"mean": 80.0, "std": 1.5}
-    assert G.verdict({"mean": 81.0, "std": 1.0}, floor) == "within floor"
-    assert G.verdict({"mean": 160.0, "std": 1.0}, floor) == "above floor (2.0x)"
-    assert G.verdict({"mean": 0.01, "std": 0.001}, {"mean": 0.0002, "std": 0.0003}, ratio_ok=False).startswith(
+    assert Fl.verdict({"mean": 81.0, "std": 1.0}, floor) == "within floor"
+    assert Fl.verdict({"mean": 160.0, "std": 1.0}, floor) == "above floor (2.0x)"
+    assert Fl.verdict({"mean": 0.01, "std": 0.001}, {"mean": 0.0002, "std": 0.0003}, ratio_ok=False).startswith(
         "above floor (+")
-    assert G.verdict({"mean": 0.5, "std": 0.01}, {"mean": 0.7, "std": 0.01}, kind="level").startswith("below floor")
+    assert Fl.verdict({"mean": 0.5, "std": 0.01}, {"mean": 0.7, "std": 0.01}, kind="level").startswith("below floor")
 
 
 # ============================================================================ acceptance (issues 6 and 10)

@@ -11,8 +11,9 @@ from PIL import Image
 from skimage.measure import label as cc_label, regionprops
 
 from common.errors import UserError
-from phantom.simulator import (BUSI_ROOT, CLASSES, HEIGHT_RANGE, WIDTH_RANGE, _plan, _render_and_write, case_rng,
-                          class_counts, generate_phantom, render_case, render_full)
+from phantom.render import CLASSES, render_case, render_full
+from phantom.simulator import (BUSI_ROOT, HEIGHT_RANGE, WIDTH_RANGE, _plan, _render_and_write, case_rng, class_counts,
+                               generate_phantom)
 
 N, SEED = 60, 3
 NAME = re.compile(r"^(benign|malignant|normal) \((\d+)\)(_mask(?:_(\d+))?)?\.png$")

@@ -8,8 +8,9 @@ from PIL import Image
 
 from common.errors import UserError
 from common.io import pixel_hash
-from data.readers import (SPECK_MAX_PIXELS, decode_cases, detect_format, load_case, pad_to_square,
-                          remove_specks, resize_pair, scan_dataset, to_binary, to_gray)
+from data.decode import (SPECK_MAX_PIXELS, decode_cases, load_case, pad_to_square, remove_specks, resize_pair,
+                         to_binary, to_gray)
+from data.readers import detect_format, scan_dataset
 from fixtures.make_raw import ellipse, texture, write_busi, write_udiat, write_udiat_sheet
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -103,8 +103,8 @@ class DenoiserConfig:
     patch_size: int = option(1, "pixel-unshuffle factor before the UNet (2 = 4x cheaper, for high resolution or CPU)",
                              low=1, high=16)
     dropout: float = option(0.0, "dropout in residual blocks", low=0, high=1, high_open=True)
-    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory, ~30%% "
-                                          "slower)", aliases=("--grad_checkpointing",))
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory, one "
+                                          "more forward pass of compute)", aliases=("--grad_checkpointing",))
     peer_channels: list[int] = option([32, 64, 64, 128], "block widths of the UNet2DPeer (only with --arch "
                                       "UNet2DPeer)", low=1, high=4096)
 
