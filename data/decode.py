@@ -196,11 +196,11 @@ def _init_worker() -> None:
 def decode_cases(cases: Sequence[RawCase], img_size: int, resize: str = "stretch", workers: int | None = None,
                  progress: bool = False, speck_max_px: int = SPECK_MAX_PIXELS) -> list[Decoded]:
     """:func:`load_case` over ``cases`` in a process pool (``workers`` default os.cpu_count()), in order."""
-    from tqdm import tqdm
+    from common.progress import progress_bar
 
     fn = functools.partial(load_case, img_size=img_size, resize=resize, speck_max_px=speck_max_px)
     workers = max(1, min(workers or os.cpu_count() or 1, len(cases)))
-    bar = tqdm(total=len(cases), desc="decode", unit="img", disable=not progress)
+    bar = progress_bar(total=len(cases), desc="decode", unit="img", disable=not progress)
     try:
         if workers == 1:
             results = []

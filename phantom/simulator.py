@@ -236,8 +236,8 @@ def generate_phantom(output_dir: str | Path, n_cases: int, seed: int = 0,
     workers = (os.cpu_count() or 1) if workers is None else max(1, int(workers))
     bar = None
     if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(jobs), desc="phantom", unit="case")
+        from common.progress import progress_bar
+        bar = progress_bar(total=len(jobs), desc="phantom", unit="case")
     records = []
     if workers == 1 or len(jobs) < 8:
         for job in jobs:

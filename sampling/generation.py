@@ -351,10 +351,10 @@ class _Loop:
         return total
 
     def run(self, after_batch: Callable[[int], None] | None) -> None:
-        from tqdm import tqdm
+        from common.progress import progress_bar
         need = sum(self.req.counts.values())
-        bar = tqdm(total=need, initial=min(need, self.accepted_total()), desc="generate", unit="pair",
-                   dynamic_ncols=True, disable=not self.dist.is_main)
+        bar = progress_bar(total=need, initial=min(need, self.accepted_total()), desc="generate", unit="pair",
+                           disable=not self.dist.is_main)
         batches = 0
         rej_path = _rejected_file(self.out, self.dist.rank)
         try:
