@@ -145,3 +145,20 @@ def test_a_folder_of_another_kind_is_refused(data, tmp_path):
     with pytest.raises(UserError, match="files that no busdiff run wrote"):
         train_segmentation.main(["--data_dir", data["a"], "--output_dir", str(tmp_path / "junk"), *TINY_UNET])
     assert (tmp_path / "junk" / "notes.txt").read_text() == "mine"
+
+
+def test_unusable_cuda_warns_with_the_cpu_time(data, tmp_path, monkeypatch, capsys):
+    """--device auto on a machine with an NVIDIA driver that torch cannot use: loud, with the run's CPU cost."""
+    import training.plan as plan
+    from common import precision
+    why = "an NVIDIA GPU seems present (driver: test) but torch cannot use it"
+    monkeypatch.setattr(precision, "gpu_present_but_unusable", lambda: why)
+    monkeypatch.setattr(plan, "gpu_present_but_unusable", lambda: why)
+    monkeypatch.setattr(plan.DiffusionTrainer, "fit", lambda self: {"stopped": "test"})
+    argv = ["--data_dir", data["a"], "--output_dir", tmp_path / "run", "--img_size", "16", "--max_steps", "7",
+            *TINY]
+    argv[argv.index("--device") + 1] = "auto"
+    assert train_medsegdiff.main([str(a) for a in argv]) == 0
+    err = capsys.readouterr().err
+    assert f"WARNING: --device auto falls back to the CPU: {why}" in err
+    assert "this run (7 steps) would take about" in err and "hours on this CPU" in err

@@ -13,7 +13,7 @@ from common.distributed import cleanup, init_distributed
 from common.errors import UserError
 from common.options import flat
 from common.outputs import OutputLock, check_kind, check_separate, check_writable
-from common.precision import resolve_device, resolve_precision
+from common.precision import gpu_present_but_unusable, resolve_device, resolve_precision
 from models.denoisers import build_denoiser
 from models.diffusion import JointDiffusion
 from training.config import DiffusionTrainConfig
@@ -32,11 +32,28 @@ def start_training(cfg: DiffusionTrainConfig, command: str) -> dict[str, Any]:
         with OutputLock(out, active=dist.is_main):
             device = resolve_device(cfg.run.device, dist.local_rank if dist.enabled else None)
             precision = resolve_precision(cfg.run.mixed_precision, device)
+            if cfg.run.device == "auto" and device.type == "cpu" and gpu_present_but_unusable():
+                _warn_cpu_time(cfg)
             torch.manual_seed(cfg.run.seed)
             trainer = DiffusionTrainer(cfg, dist, device, precision, command)
             return trainer.fit()
     finally:
         cleanup()
+
+
+def _warn_cpu_time(cfg: DiffusionTrainConfig) -> None:
+    """The fallback to the CPU, with what this run would cost there (resolve_device already said why)."""
+    try:
+        cfg2, ds = with_dataset_size(cfg)
+        train = len(ds.select(split="train", labels=class_names_for(cfg2.num_classes)))
+        per_step = cfg2.optim.train_batch_size * cfg2.optim.gradient_accumulation_steps
+        total = cfg2.run.max_train_steps or cfg2.run.num_epochs * max(1, train // per_step)
+        hours = step_flops(cfg2) * total / CPU_FLOPS_PER_CORE / max(1, torch.get_num_threads()) / 3600
+    except (UserError, ValueError, RuntimeError):
+        return
+    print(f"WARNING: this run ({total} steps) would take about {hours:.1f} hours on this CPU "
+          f"({torch.get_num_threads()} threads at ~{CPU_FLOPS_PER_CORE / 1e9:.0f} GFLOP/s each); stop it (Ctrl-C) "
+          "and fix CUDA unless that is what you want", file=sys.stderr, flush=True)
 
 
 def step_flops(cfg: DiffusionTrainConfig, batch: int | None = None) -> int:
