@@ -51,7 +51,9 @@ def describe_training_data(data_dir: str | None) -> dict[str, Any]:
 
 
 def quality_rows(metrics: dict[str, Any], source: str) -> list[dict[str, str]]:
-    """KID and FID (all pairs, then per class) beside their real-vs-real floor, from evaluate.py's metrics.json."""
+    """KID and FID (all pairs, then per class) beside their real-vs-real floor, from evaluate.py's metrics.json;
+    verdicts read as the report reads them (lower is better: "worse than floor", not "above floor")."""
+    from metrics.report import directed_verdict
     try:
         gen = metrics["generation"]
         sets = [("all", gen["all"])] + sorted(gen.get("per_class", {}).items())
@@ -66,7 +68,8 @@ def quality_rows(metrics: dict[str, Any], source: str) -> list[dict[str, str]]:
                 rows.append({"metric": label + ("" if name == "all" else f" ({name})"),
                              "synthetic": fmt.format(syn["mean"]),
                              "floor": f"{fmt.format(floor['mean'])} ± {fmt.format(floor['std'])}",
-                             "n": str(m.get("n", block.get("n", ""))), "verdict": str(m.get("verdict", ""))})
+                             "n": str(m.get("n", block.get("n", ""))),
+                             "verdict": directed_verdict(str(m.get("verdict", "")), "lower")[0]})
     except (KeyError, TypeError, AttributeError):
         rows = []
     if not rows:
