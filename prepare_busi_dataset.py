@@ -3,6 +3,7 @@
 dataset (DESIGN.md "Contracts"): grayscale images and binary masks at img_size, stratified leak-free splits."""
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -15,6 +16,7 @@ import numpy as np
 from common.errors import UserError
 from common.cli import (fraction, make_parser, parse_config, positive_int,
                         print_config, run_main)
+from common.options import bounded
 from data.duplicates import THRESHOLD, leak_check, leak_line, rule, similarity_pairs
 from data.pairs import LABELS, TUMOUR_LABELS, PairDatasetWriter
 from data.readers import FORMATS, RESIZE_MODES, SPECK_RULE, decode_cases, problem_lines, scan_dataset
@@ -31,6 +33,21 @@ EPILOG = """examples:
   python prepare_busi_dataset.py --input_dir /path/to/BUS --output_dir ./data/udiat --resize pad --on_error skip
 """
 MAX_LISTED = 20
+SEED = bounded(int, 0, 2**31 - 1)
+
+
+def image_size(text: str) -> int:
+    """--img_size: what every model here can take. The default denoiser halves the image up to 4 times below 256 px
+    and 5 times from 256 px (models.medsegdiff_v2.default_channel_mult), the U-Net up to 4 times: a multiple of 16
+    (of 32 from 256 px), from 16 to 4096 px."""
+    value = bounded(int, 16, 4096)(text)
+    step = 32 if value >= 256 else 16
+    if value % step:
+        lower = value // step * step
+        raise argparse.ArgumentTypeError(
+            f"must be a multiple of {step}{' from 256 px' if step == 32 else ''} (the models halve the image "
+            f"{'5' if step == 32 else 'up to 4'} times), got {text}; e.g. {lower} or {lower + step}")
+    return value
 
 
 def build_parser():
@@ -41,18 +58,19 @@ def build_parser():
     p.add_argument("--output_dir", type=str, default="./data/busi_processed",
                    help="where the pair dataset is written (built in a hidden staging folder, renamed when complete; "
                         "an older pair dataset there is replaced, any other non-empty folder is refused)")
-    p.add_argument("--img_size", type=positive_int, default=256, help="output images and masks are img_size x img_size")
+    p.add_argument("--img_size", type=image_size, default=256, help="output images and masks are img_size x img_size "
+                   "(a multiple of 16, of 32 from 256 px; 16 to 4096)")
     p.add_argument("--format", choices=("auto", *FORMATS), default="auto",
                    help="raw layout: busi (class folders), busbra (Images/, Masks/, bus_data.csv), udiat (original/, "
                         "GT/, DatasetB.xlsx); auto detects it")
     p.add_argument("--phantom", type=positive_int, default=None, metavar="N",
                    help="instead of --input_dir: generate N phantom cases in the BUSI layout into <output_dir>/raw/ "
                         "and prepare them (needs no download)")
-    p.add_argument("--phantom_seed", type=int, default=0, help="seed of the phantom generator (--phantom)")
+    p.add_argument("--phantom_seed", type=SEED, default=0, help="seed of the phantom generator (--phantom)")
     p.add_argument("--val_fraction", type=fraction, default=0.1, help="share of every label put in the val split")
     p.add_argument("--test_fraction", type=fraction, default=0.2,
                    help="share of every label put in the test split (random splits; with folds the test fold decides)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split (same seed + same input = same split)")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the split (same seed + same input = same split)")
     p.add_argument("--split", choices=("auto", "random", "folds"), default="auto",
                    help="random: stratified by label, grouped by patient / identical image; folds: the dataset's "
                         "official folds (BUS-BRA 5-fold-cv.csv), --test_fold as test, val drawn by patient from the "
@@ -82,13 +100,13 @@ def build_parser():
                         f"contrast; default {THRESHOLD}: on BUS-BRA, distinct scans scored at most 0.84, the same scan "
                         "saved twice 0.87 and more); also the leak check's threshold")
     p.add_argument("--workers", type=positive_int, default=None,
-                   help="processes decoding images in parallel (None: one per CPU core)")
+                   help="processes generating the phantom and decoding images in parallel (None: one per CPU core)")
     return p
 
 
-def make_phantom(raw_dir: Path, n: int, seed: int) -> dict:
+def make_phantom(raw_dir: Path, n: int, seed: int, workers: int | None = None) -> dict:
     from phantom.simulator import generate_phantom
-    info = generate_phantom(raw_dir, n, seed=seed, progress=True)
+    info = generate_phantom(raw_dir, n, seed=seed, workers=workers, progress=True)
     return json.loads(json.dumps(info or {}, default=str))
 
 
@@ -142,10 +160,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.time()
     out_dir = Path(args.output_dir)
     lines: list[str] = []
-    with PairDatasetWriter(out_dir, args.img_size) as writer:
+    # the output may not be, contain or lie inside the input (links resolved): replacing it would delete the input
+    with PairDatasetWriter(out_dir, args.img_size, {"--input_dir": args.input_dir}) as writer:
         phantom = None
         if args.phantom:
-            phantom = make_phantom(writer.staging / "raw", args.phantom, args.phantom_seed)
+            phantom = make_phantom(writer.staging / "raw", args.phantom, args.phantom_seed, args.workers)
             lines.append(f"phantom: {args.phantom} cases generated (seed {args.phantom_seed}) into {out_dir / 'raw'} "
                          f"in {time.time() - t0:.1f} s")
         t1 = time.time()
