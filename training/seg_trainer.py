@@ -177,7 +177,7 @@ def build_model(m: SegModelConfig, num_labels: int, pretrained: bool) -> torch.n
         raise UserError(f"--encoder_checkpoint: {exc}") from None
     except ValueError as exc:
         what = "--encoder_checkpoint" if m.model == "madgnet" and m.encoder_checkpoint else "model configuration"
-        raise UserError(f"{what}: {str(exc).splitlines()[0][:300]}") from None
+        raise UserError(f"{what}: {str(exc).splitlines()[0][:600]}") from None
 
 
 class SegTrainer(Harness):
