@@ -146,9 +146,10 @@ def _check_runs(args) -> list[str]:
             raise UserError(f"{flag} {run}: not found (a train_segmentation.py run folder or its per_image_test.csv)")
         folder = _run_folder(path)
         table = (folder / "per_image_test.csv") if folder is not None and path.is_dir() else path
-        keys = [("path", os.path.realpath(folder if folder is not None else path))]
-        if table.is_file():
-            keys.append(("results", hashlib.sha256(table.read_bytes()).hexdigest()))
+        if not table.is_file():
+            raise UserError(f"{flag} {run}: {table} not found (is it a finished train_segmentation.py run?)")
+        keys = [("path", os.path.realpath(folder if folder is not None else path)),
+                ("results", hashlib.sha256(table.read_bytes()).hexdigest())]
         for key in keys:
             if key in seen:
                 other_flag, other = seen[key]
@@ -158,7 +159,8 @@ def _check_runs(args) -> list[str]:
                 raise UserError(f"{flag} {run} {how} {other_flag} {other}: a run cannot be on both sides of the "
                                 "comparison")
             seen[key] = (flag, run)
-        counts, where = _training_sources(path)
+    for flag, run in runs:
+        counts, where = _training_sources(Path(run).expanduser())
         want = "real pairs only" if flag == "--baseline_run" else "synthetic + real pairs"
         if counts is None:
             notes.append(f"{flag} {run}: cannot check that it trained on {want} ({where})")

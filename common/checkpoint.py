@@ -29,9 +29,11 @@ def unsafe_load_message(path: str | Path, exc: BaseException, what: str = "check
     not a torch file). torch's own text (several paragraphs) is not passed on."""
     import pickle
     import re
-    text = str(exc)
     head = f"{path}: cannot be read as a safe {what}: "
-    if isinstance(exc, pickle.UnpicklingError) and "weights only load failed" in text.lower():
+    refused = [e for e in (exc, exc.__cause__, exc.__context__)   # (timm wraps torch's error in its own)
+               if isinstance(e, pickle.UnpicklingError) and "weights only load failed" in str(e).lower()]
+    text = str(refused[0] if refused else exc)
+    if refused:
         found = re.search(r"GLOBAL (\S+)", text)
         if found:
             held = f"it holds the Python object {found.group(1).rstrip('.,')}"
