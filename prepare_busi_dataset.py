@@ -21,6 +21,7 @@ from data.duplicates import THRESHOLD, leak_check, leak_line, rule, similarity_p
 from data.pairs import LABELS, TUMOUR_LABELS, PairDatasetWriter
 from data.readers import FORMATS, RESIZE_MODES, SPECK_RULE, decode_cases, problem_lines, scan_dataset
 from data.splits import assign_splits, fold_splits, resolve_duplicates, split_table
+from models.medsegdiff_v2 import default_channel_mult
 
 EPILOG = """examples:
   # BUSI as downloaded (the folder holding Dataset_BUSI_with_GT/, or that folder itself)
@@ -37,16 +38,17 @@ SEED = bounded(int, 0, 2**31 - 1)
 
 
 def image_size(text: str) -> int:
-    """--img_size: what every model here can take. The default denoiser halves the image up to 4 times below 256 px
-    and 5 times from 256 px (models.medsegdiff_v2.default_channel_mult), the U-Net up to 4 times: a multiple of 16
-    (of 32 from 256 px), from 16 to 4096 px."""
+    """--img_size: one every model here can take, from 16 to 4096 px. The default denoiser halves the image once per
+    level of models.medsegdiff_v2.default_channel_mult (2 times below 64 px, 3 below 128, 4 below 256, then 5), so
+    the size must divide by 4, 8, 16 or 32 accordingly; the segmenters take any size (MADGNet from 32 px)."""
     value = bounded(int, 16, 4096)(text)
-    step = 32 if value >= 256 else 16
+    step = 2 ** (len(default_channel_mult(value)) - 1)
     if value % step:
         lower = value // step * step
         raise argparse.ArgumentTypeError(
-            f"must be a multiple of {step}{' from 256 px' if step == 32 else ''} (the models halve the image "
-            f"{'5' if step == 32 else 'up to 4'} times), got {text}; e.g. {lower} or {lower + step}")
+            f"must be a multiple of {step} at this size (the default denoiser halves a {value}-px image "
+            f"{step.bit_length() - 1} times), got {text}; e.g. {lower if lower >= 16 else lower + step} or "
+            f"{lower + step}")
     return value
 
 
@@ -59,7 +61,7 @@ def build_parser():
                    help="where the pair dataset is written (built in a hidden staging folder, renamed when complete; "
                         "an older pair dataset there is replaced, any other non-empty folder is refused)")
     p.add_argument("--img_size", type=image_size, default=256, help="output images and masks are img_size x img_size "
-                   "(a multiple of 16, of 32 from 256 px; 16 to 4096)")
+                   "(16 to 4096; a multiple of 4, of 8 from 64 px, 16 from 128, 32 from 256)")
     p.add_argument("--format", choices=("auto", *FORMATS), default="auto",
                    help="raw layout: busi (class folders), busbra (Images/, Masks/, bus_data.csv), udiat (original/, "
                         "GT/, DatasetB.xlsx); auto detects it")

@@ -108,8 +108,8 @@ def test_prepare_into_a_folder_holding_its_input_is_refused_and_nothing_is_delet
     assert snapshot(q) == before and sorted(os.listdir(tmp_path)) == ["alias", "q"]
 
 
-@pytest.mark.parametrize("size, needle", [("33", "multiple of 16"), ("1", ">= 16"), ("272", "multiple of 32"),
-                                          ("24.0", "must be an integer")])
+@pytest.mark.parametrize("size, needle", [("33", "multiple of 4"), ("1", ">= 16"), ("100", "multiple of 8"),
+                                          ("272", "multiple of 32"), ("24.0", "must be an integer")])
 def test_prepare_image_sizes_the_models_cannot_take_are_one_line(tmp_path, capsys, size, needle):
     with pytest.raises(SystemExit) as exc:
         prepare_busi_dataset.main(["--phantom", "20", "--img_size", size, "--output_dir", str(tmp_path / "o")])
@@ -345,7 +345,7 @@ def test_combine_refuses_pngs_that_do_not_decode(data, tmp_path, which):
     (train_segmentation, "epochs: 0", "must be >= 1"),
     (train_segmentation, "base_width: [4, 8]", "must be an integer"),
     (train_segmentation, "include_normal: \"yes\"", "must be true or false"),
-    (prepare_busi_dataset, "img_size: 33", "multiple of 16"),
+    (prepare_busi_dataset, "img_size: 33", "multiple of 4"),
     (prepare_busi_dataset, "phantom_seed: -1", ">= 0"),
     (evaluate, "floor_draws: 0", "positive integer"),
     (evaluate, "output_dir: [a, b]", "single value"),
