@@ -18,7 +18,7 @@ import numpy as np
 from common.errors import UserError
 from common.cli import (csv_list, make_parser, parse_config, positive_int, print_config,
                         resolved_config, run_main)
-from common.io import atomic_write_json, atomic_write_text
+from common.io import atomic_write_json, atomic_write_text, sha256_file
 from common.options import bounded
 from common.outputs import OutputLock, check_kind, check_separate, check_writable, claim
 
@@ -120,7 +120,6 @@ def _training_sources(path: Path) -> tuple[dict[str, int] | None, str]:
                 f"{folder / 'metrics.json'} (dataset {ds.get('path')})")
     data_dir, recorded = config.get("data_dir"), config.get("dataset_json_sha256")
     if data_dir and recorded and (Path(data_dir) / "dataset.json").is_file():   # a run older than the record
-        from common.io import sha256_file
         from data.pairs import read_metadata
         if sha256_file(Path(data_dir) / "dataset.json") != recorded:
             return None, f"its dataset {data_dir} has changed since it trained"
@@ -148,12 +147,14 @@ def _check_runs(args) -> list[str]:
         table = (folder / "per_image_test.csv") if folder is not None and path.is_dir() else path
         if not table.is_file():
             raise UserError(f"{flag} {run}: {table} not found (is it a finished train_segmentation.py run?)")
-        keys = [("path", os.path.realpath(folder if folder is not None else path)),
-                ("results", hashlib.sha256(table.read_bytes()).hexdigest())]
+        content = hashlib.sha256(table.read_bytes())   # a copied run: the same results and the same weights
+        if folder is not None and (folder / "best_model.pth").is_file():
+            content.update(sha256_file(folder / "best_model.pth").encode())
+        keys = [("path", os.path.realpath(folder if folder is not None else path)), ("results", content.hexdigest())]
         for key in keys:
             if key in seen:
                 other_flag, other = seen[key]
-                how = "is the same run as" if key[0] == "path" else "has the same per-image results as (a copy of)"
+                how = "is the same run as" if key[0] == "path" else "has the same results and weights as (a copy of)"
                 if other_flag == flag:
                     raise UserError(f"{flag} {run} {how} {other_flag} {other}: give each run (seed) once")
                 raise UserError(f"{flag} {run} {how} {other_flag} {other}: a run cannot be on both sides of the "

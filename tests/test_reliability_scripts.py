@@ -189,10 +189,10 @@ def test_evaluate_refuses_inverted_repeated_and_two_sided_runs_before_any_comput
     with pytest.raises(UserError, match="is the same run as --baseline_run .*both sides"):
         evaluate.main([*base, "--combined_run", seg_runs["comb"], "--baseline_run",
                        os.path.join(seg_runs["comb"], "per_image_test.csv")])
-    # a copied run folder is the same run too (its per-image results are identical)
+    # a copied run folder is the same run too (its per-image results and weights are identical)
     copy = tmp_path / "copy_of_real"
     shutil.copytree(seg_runs["real"], copy)
-    with pytest.raises(UserError, match="same per-image results"):
+    with pytest.raises(UserError, match="same results and weights as \\(a copy of\\)"):
         evaluate.main([*base, "--baseline_run", seg_runs["real"], "--baseline_run", str(copy)])
     assert not (tmp_path / "ev").exists(), "a refused evaluation writes nothing"
 
