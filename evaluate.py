@@ -6,6 +6,9 @@ Writes metrics.json and a self-contained report.html to --output_dir and prints 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
+import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -15,7 +18,9 @@ import numpy as np
 from common.errors import UserError
 from common.cli import (csv_list, make_parser, parse_config, positive_int, print_config,
                         resolved_config, run_main)
-from common.io import atomic_write_json, atomic_write_text
+from common.io import atomic_write_json, atomic_write_text, sha256_file
+from common.options import bounded
+from common.outputs import OutputLock, check_kind, check_separate, check_writable, claim
 from metrics.registry import EvalContext, EvalOptions, resolve_skip, run_stages, skip_names, stage_enabled
 
 EPILOG = """examples:
@@ -54,7 +59,7 @@ def build_parser():
     p.add_argument("--memorisation_threshold", type=float, default=0.95,
                    help="flag a synthetic image whose nearest training image has shift-tolerant NCC >= this")
     p.add_argument("--max_images", type=positive_int, default=None, help="cap on each set (random, seeded)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=bounded(int, 0, 2**31 - 1), default=0)
     p.add_argument("--device", type=str, default="auto", help="auto | cpu | cuda")
     p.add_argument("--batch_size", type=positive_int, default=32, help="Inception batch size")
     p.add_argument("--kid_subsets", type=positive_int, default=100, help="KID subsets of the full-set KID (each "
@@ -74,6 +79,113 @@ def build_parser():
     p.add_argument("--reader_study_page", type=str, default=None, help="optional, with --score_reader_study: the "
                    "reader_study.html that was sent out, checked against the key's page sha256")
     return p
+
+
+def _run_folder(path: Path) -> Path | None:
+    """The run folder of a --baseline_run / --combined_run argument (a folder, or a per_image_*.csv inside one)."""
+    if path.is_dir():
+        return path
+    if path.name.startswith("per_image_") and ((path.parent / "metrics.json").is_file()
+                                                or (path.parent / "config.json").is_file()):
+        return path.parent
+    return None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _training_sources(path: Path) -> tuple[dict[str, int] | None, str]:
+    """What a segmentation run trained on, from its own record: ({"real": n, "synthetic": n} of its training pairs,
+    where that was read), or (None, why it cannot be told)."""
+    folder = _run_folder(path)
+    if folder is None:
+        return None, "a per-image CSV outside a run folder records no training data"
+    metrics, config = _read_json(folder / "metrics.json"), _read_json(folder / "config.json")
+    if "checkpoint_path" in metrics or "checkpoint_path" in config:
+        return None, "a segment_with_diffusion.py run: its segmenter is the diffusion model"
+    ds = metrics.get("dataset") if isinstance(metrics.get("dataset"), dict) else {}
+    used = (ds.get("used") or {}).get("train") if isinstance(ds.get("used"), dict) else None
+    if isinstance(used, dict) and used:
+        counts = {"real": 0, "synthetic": 0}
+        for per_source in used.values():
+            for source, n in (per_source or {}).items():
+                counts[source] = counts.get(source, 0) + int(n)
+        return counts, f"{folder / 'metrics.json'} (dataset {ds.get('path')})"
+    if isinstance(ds.get("n_train"), int) and isinstance(ds.get("n_synthetic_train"), int):
+        return ({"real": ds["n_train"] - ds["n_synthetic_train"], "synthetic": ds["n_synthetic_train"]},
+                f"{folder / 'metrics.json'} (dataset {ds.get('path')})")
+    data_dir, recorded = config.get("data_dir"), config.get("dataset_json_sha256")
+    if data_dir and recorded and (Path(data_dir) / "dataset.json").is_file():   # a run older than the record
+        from data.pairs import read_metadata
+        if sha256_file(Path(data_dir) / "dataset.json") != recorded:
+            return None, f"its dataset {data_dir} has changed since it trained"
+        counts = {"real": 0, "synthetic": 0}
+        for row in read_metadata(Path(data_dir) / "metadata.csv"):
+            if row.get("split") == "train":
+                counts[row.get("source", "real")] = counts.get(row.get("source", "real"), 0) + 1
+        return counts, f"{data_dir} (recorded in {folder / 'config.json'})"
+    return None, "its folder records no training dataset"
+
+
+def _check_runs(args) -> list[str]:
+    """The downstream verdict's inputs, before any compute: every --baseline_run trained on real pairs only and every
+    --combined_run on synthetic + real ones (from each run's own record), no run given twice or on both sides (paths
+    resolved, copies found by their per-image results). Returns warnings for runs whose data cannot be told."""
+    runs = [("--baseline_run", r) for r in args.baseline_run or []] + \
+        [("--combined_run", r) for r in args.combined_run or []]
+    seen: dict[Any, tuple[str, str]] = {}
+    notes = []
+    for flag, run in runs:
+        path = Path(run).expanduser()
+        if not path.exists():
+            raise UserError(f"{flag} {run}: not found (a train_segmentation.py run folder or its per_image_test.csv)")
+        folder = _run_folder(path)
+        table = (folder / "per_image_test.csv") if folder is not None and path.is_dir() else path
+        if not table.is_file():
+            raise UserError(f"{flag} {run}: {table} not found (is it a finished train_segmentation.py run?)")
+        content = hashlib.sha256(table.read_bytes())   # a copied run: the same results and the same weights
+        if folder is not None and (folder / "best_model.pth").is_file():
+            content.update(sha256_file(folder / "best_model.pth").encode())
+        keys = [("path", os.path.realpath(folder if folder is not None else path)), ("results", content.hexdigest())]
+        for key in keys:
+            if key in seen:
+                other_flag, other = seen[key]
+                how = "is the same run as" if key[0] == "path" else "has the same results and weights as (a copy of)"
+                if other_flag == flag:
+                    raise UserError(f"{flag} {run} {how} {other_flag} {other}: give each run (seed) once")
+                raise UserError(f"{flag} {run} {how} {other_flag} {other}: a run cannot be on both sides of the "
+                                "comparison")
+            seen[key] = (flag, run)
+    for flag, run in runs:
+        counts, where = _training_sources(Path(run).expanduser())
+        want = "real pairs only" if flag == "--baseline_run" else "synthetic + real pairs"
+        if counts is None:
+            notes.append(f"{flag} {run}: cannot check that it trained on {want} ({where})")
+            continue
+        n_real, n_syn = counts.get("real", 0), counts.get("synthetic", 0)
+        trained = f"trained on {n_real} real + {n_syn} synthetic pairs ({where})"
+        if flag == "--baseline_run" and n_syn:
+            raise UserError(f"--baseline_run {run}: {trained}; the baseline must be trained on real data only "
+                            "(are --baseline_run and --combined_run swapped?)")
+        if flag == "--combined_run" and not (n_syn and n_real):
+            raise UserError(f"--combined_run {run}: {trained}; the combined run must be trained on synthetic + real "
+                            "data (create_combined_dataset.py; are --baseline_run and --combined_run swapped?)")
+    return notes
+
+
+def _check_output(args, kind: str, inputs: dict[str, Any]) -> Path:
+    """The output folder, before any compute: not an input (nor inside / around one), writable, and empty or of this
+    ``kind`` (common.outputs)."""
+    out = Path(args.output_dir)
+    check_separate(out, inputs)
+    check_writable(out)
+    check_kind(out, kind)
+    return out
 
 
 def _load_sets(args) -> dict[str, Any]:
@@ -130,14 +242,17 @@ def _counts(labels: np.ndarray) -> dict[str, int]:
 def _reader_study(args) -> int:
     """--reader_study N / --score_reader_study CSV: the expert "Turing test" instead of the metrics."""
     from metrics import reader_study as RS
-    out = Path(args.output_dir)
     if args.reader_study and args.score_reader_study:
         raise UserError("--reader_study and --score_reader_study are separate steps: give one of them")
     if args.reader_study:
         if not args.real_data or not args.synthetic_data:
             raise UserError("--reader_study needs --real_data and --synthetic_data (see --help)")
-        key = RS.build_reader_study(args.real_data, args.synthetic_data, args.reader_study, out, seed=args.seed,
-                                    command=args.command)
+        out = _check_output(args, "reader-study", {"--real_data": args.real_data,
+                                                   "--synthetic_data": args.synthetic_data})
+        with OutputLock(out):
+            key = RS.build_reader_study(args.real_data, args.synthetic_data, args.reader_study, out, seed=args.seed,
+                                        command=args.command)
+            claim(out, "reader-study", args.command)
         print(f"wrote {out / RS.PAGE_NAME}: {key['n']} images ({key['n_real']} real, {key['n_synthetic']} synthetic; "
               f"study {key['study']})\nwrote {out / RS.KEY_NAME}: the sealed key\n"
               f"send the HTML page to the readers (it opens offline in any browser; each reader downloads "
@@ -146,11 +261,13 @@ def _reader_study(args) -> int:
         return 0
     if not args.key:
         raise UserError("--score_reader_study needs --key reader_study_key.json (written by --reader_study)")
+    out = _check_output(args, "reader-study", {})   # the key and answers may sit in the study's own folder
     result = RS.score_reader_study(args.score_reader_study, args.key, args.reader_study_page)
     result = {"command": args.command, "answers": args.score_reader_study, "key": args.key,
               "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **result}
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "reader_study_score.json", result)
+    with OutputLock(out):
+        claim(out, "reader-study", args.command)
+        atomic_write_json(out / "reader_study_score.json", result)
     print(RS.format_score(result))
     print(f"\nwrote {out / 'reader_study_score.json'}")
     return 0
@@ -170,6 +287,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--skip: unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
     if not 0 < args.memorisation_threshold <= 1:
         raise UserError(f"--memorisation_threshold must be in (0, 1], got {args.memorisation_threshold}")
+    runs = [] if "downstream" in args.skip else [*(args.baseline_run or []), *(args.combined_run or [])]
+    notes = _check_runs(args) if runs else []
+    out = _check_output(args, "evaluation", {"--real_data": args.real_data, "--synthetic_data": args.synthetic_data,
+                                             **{f"run {r}": r for r in runs}})
+    for note in notes:
+        print(f"warning: {note}")
+    with OutputLock(out):   # one evaluation per folder at a time; claimed (kind marker) when the results are written
+        return _evaluate(args, notes)
+
+
+def _evaluate(args, notes: list[str]) -> int:
     d = _load_sets(args)
     _fewer_page_faults()
     from metrics import report as R
@@ -189,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "per_class": {"real_train": _counts(d["real_labels"][~d["real_heldout"]]),
                                  "heldout": _counts(d["real_labels"][d["real_heldout"]]),
                                  "synthetic": _counts(d["syn_labels"])}},
-        "warnings": [], "timings_s": {}}
+        "warnings": list(notes), "timings_s": {}}
     from data.duplicates import leak_line, split_leak_check    # near-duplicates across the real splits
     metrics["leak_check"] = split_leak_check(d["real_images"], d["real_heldout"], d["real_ids"])
     print(leak_line(metrics["leak_check"]))
@@ -208,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics["summary"] = R.summary_rows(metrics)   # one row per quantity: key, name, good direction, verdict
     metrics["answer"] = R.answer(metrics)           # the verdict box that opens the printout and report.html
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    claim(out, "evaluation", args.command)
     t0 = time.time()
     from metrics.figures import build_figures
     figures = build_figures(d, raw, metrics, runs={"baseline": args.baseline_run, "combined": args.combined_run})

@@ -3,15 +3,18 @@
 dataset: grayscale images and binary masks at img_size, stratified leak-free splits."""
 from __future__ import annotations
 
+import argparse
 from typing import Sequence
 
 from common.errors import UserError
 from common.cli import (fraction, make_parser, parse_config, positive_int,
                         print_config, run_main)
+from common.options import bounded
 from data.decode import RESIZE_MODES
 from data.duplicates import THRESHOLD
 from data.prepare import PrepareConfig, prepare_dataset
 from data.readers import FORMATS
+from models.medsegdiff_v2 import default_channel_mult
 
 EPILOG = """examples:
   # BUSI as downloaded (the folder holding Dataset_BUSI_with_GT/, or that folder itself)
@@ -23,6 +26,24 @@ EPILOG = """examples:
   # UDIAT Dataset B, tumour images only, aspect ratio kept, leaving out (and recording) broken files
   python prepare_busi_dataset.py --input_dir /path/to/BUS --output_dir ./data/udiat --resize pad --on_error skip
 """
+SEED = bounded(int, 0, 2**31 - 1)
+
+
+def image_size(text: str) -> int:
+    """--img_size: one every model here can take, from 16 to 4096 px. The default denoiser halves the image once per
+    level of models.medsegdiff_v2.default_channel_mult (2 times below 64 px, 3 below 128, 4 below 256, then 5), so
+    the size must divide by 4, 8, 16 or 32 accordingly; the segmenters take any size (MADGNet from 32 px)."""
+    value = bounded(int, 16, 4096)(text)
+    step = 2 ** (len(default_channel_mult(value)) - 1)
+    if value % step:
+        lower = value // step * step
+        raise argparse.ArgumentTypeError(
+            f"must be a multiple of {step} at this size (the default denoiser halves a {value}-px image "
+            f"{step.bit_length() - 1} times), got {text}; e.g. {lower if lower >= 16 else lower + step} or "
+            f"{lower + step}")
+    return value
+
+
 def build_parser():
     p = make_parser(__doc__, EPILOG)
     p.add_argument("--input_dir", type=str, default=None,
@@ -31,18 +52,19 @@ def build_parser():
     p.add_argument("--output_dir", type=str, default="./data/busi_processed",
                    help="where the pair dataset is written (built in a hidden staging folder, renamed when complete; "
                         "an older pair dataset there is replaced, any other non-empty folder is refused)")
-    p.add_argument("--img_size", type=positive_int, default=256, help="output images and masks are img_size x img_size")
+    p.add_argument("--img_size", type=image_size, default=256, help="output images and masks are img_size x img_size "
+                   "(16 to 4096; a multiple of 4, of 8 from 64 px, 16 from 128, 32 from 256)")
     p.add_argument("--format", choices=("auto", *FORMATS), default="auto",
                    help="raw layout: busi (class folders), busbra (Images/, Masks/, bus_data.csv), udiat (original/, "
                         "GT/, DatasetB.xlsx); auto detects it")
     p.add_argument("--phantom", type=positive_int, default=None, metavar="N",
                    help="instead of --input_dir: generate N phantom cases in the BUSI layout into <output_dir>/raw/ "
                         "and prepare them (needs no download)")
-    p.add_argument("--phantom_seed", type=int, default=0, help="seed of the phantom generator (--phantom)")
+    p.add_argument("--phantom_seed", type=SEED, default=0, help="seed of the phantom generator (--phantom)")
     p.add_argument("--val_fraction", type=fraction, default=0.1, help="share of every label put in the val split")
     p.add_argument("--test_fraction", type=fraction, default=0.2,
                    help="share of every label put in the test split (random splits; with folds the test fold decides)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split (same seed + same input = same split)")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the split (same seed + same input = same split)")
     p.add_argument("--split", choices=("auto", "random", "folds"), default="auto",
                    help="random: stratified by label, grouped by patient / identical image; folds: the dataset's "
                         "official folds (BUS-BRA 5-fold-cv.csv), --test_fold as test, val drawn by patient from the "
@@ -71,7 +93,7 @@ def build_parser():
                    help="score from which two images are near-duplicates (1 = the same pixels up to brightness and "
                         "contrast; the README says how the default was chosen); also the leak check's threshold")
     p.add_argument("--workers", type=positive_int, default=None,
-                   help="processes decoding images in parallel (None: one per CPU core)")
+                   help="processes generating the phantom and decoding images in parallel (None: one per CPU core)")
     return p
 
 

@@ -23,6 +23,30 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
         torch.save({"format": FORMAT, **payload}, tmp)
 
 
+def unsafe_load_message(path: str | Path, exc: BaseException, what: str = "checkpoint") -> str:
+    """One line for a file that ``torch.load(weights_only=True)`` did not read: refused because loading it could run
+    code (it holds pickled Python objects, not only tensors and plain containers), or unreadable (corrupt, truncated,
+    not a torch file). torch's own text (several paragraphs) is not passed on."""
+    import pickle
+    import re
+    head = f"{path}: cannot be read as a safe {what}: "
+    refused = [e for e in (exc, exc.__cause__, exc.__context__)   # (timm wraps torch's error in its own)
+               if isinstance(e, pickle.UnpicklingError) and "weights only load failed" in str(e).lower()]
+    text = str(refused[0] if refused else exc)
+    if refused:
+        found = re.search(r"GLOBAL (\S+)", text)
+        if found:
+            held = f"it holds the Python object {found.group(1).rstrip('.,')}"
+        else:
+            detail = re.search(r"(Unsupported [^\n]*)", text)
+            held = ("it holds pickled data beyond tensors, numbers, strings and plain containers"
+                    + (f" ({detail.group(1).strip()[:80]})" if detail else ""))
+        return (head + f"refused, because {held} and loading it could run code (only what torch.load(weights_only="
+                "True) reads is loaded; if you trust its source, re-save its tensors as a plain state dict)")
+    first = text.strip().splitlines()[0].split(". ")[0] if text.strip() else type(exc).__name__
+    return head + f"corrupt, truncated or not a torch file ({first[:160]})"
+
+
 def load_checkpoint(path: str | Path, expect_kind: str | None = None) -> dict[str, Any]:
     """Load a checkpoint on the CPU with ``weights_only=True``; one clear UserError on any problem."""
     path = Path(path)
@@ -31,8 +55,7 @@ def load_checkpoint(path: str | Path, expect_kind: str | None = None) -> dict[st
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt file, truncated write, or something that needs unpickling code
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path}: cannot be read as a safe (weights_only) checkpoint: {first[:200]}") from None
+        raise UserError(unsafe_load_message(path, exc)) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise UserError(f"{path}: not a checkpoint written by this project (no '{FORMAT}' marker)")
     if expect_kind is not None and payload.get("kind") != expect_kind:

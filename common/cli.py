@@ -62,6 +62,10 @@ def preset_value(action: argparse.Action, value: Any) -> Any:
     """A YAML value for ``action``, through the same conversion and checks as the typed flag."""
     if value is None:
         return None
+    if isinstance(action, argparse._AppendAction):   # a repeatable flag: one value or a list of them
+        items = value if isinstance(value, list) else [value]
+        return [preset_value(argparse.Action([], "x", type=action.type or str, choices=action.choices), v)
+                for v in items]
     if action.nargs == 0:   # store_true / BooleanOptionalAction
         if not isinstance(value, bool):
             raise ValueError(f"must be true or false, got {value!r}")
@@ -69,6 +73,10 @@ def preset_value(action: argparse.Action, value: Any) -> Any:
     if action.nargs in ("+", "*"):
         items = value if isinstance(value, list) else [value]
         return [preset_value(argparse.Action([], "x", type=action.type, choices=action.choices), v) for v in items]
+    if action.type is None and action.nargs is None:   # a plain string flag (a path, a name)
+        if isinstance(value, (list, dict, bool)):
+            raise ValueError(f"must be a string (one value), got {value!r}")
+        value = str(value)
     if action.type is not None:
         if isinstance(value, (list, dict)) and getattr(action.type, "__module__", "") != "common.options":
             raise ValueError(f"must be a single value, got {value!r}")

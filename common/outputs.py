@@ -125,7 +125,7 @@ def folder_kind(path: str | Path) -> str | None:
         return "pair-dataset"
     if (p / "model_index.json").is_file():
         return "diffusers-export"
-    if (p / "reader_study_key.json").is_file() or (p / "reader_study.html").is_file():
+    if any((p / f).is_file() for f in ("reader_study_key.json", "reader_study.html", "reader_study_score.json")):
         return "reader-study"
     if (p / "report.html").is_file():
         return "evaluation"

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from common.io import pixel_hash
+from common.workers import die_with_parent
 from data.duplicates import signature
 from data.pairs import TUMOUR_LABELS
 from data.readers import Problem, RawCase
@@ -188,7 +189,8 @@ def load_case(case: RawCase, img_size: int, resize: str = "stretch",
     return out
 
 
-def _init_worker() -> None:
+def _init_worker(parent_pid: int | None = None) -> None:
+    die_with_parent(parent_pid)                    # a killed run takes its workers with it
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is handled once, by the main process
     cv2.setNumThreads(1)
 
@@ -210,7 +212,7 @@ def decode_cases(cases: Sequence[RawCase], img_size: int, resize: str = "stretch
             return results
         # spawn, not fork: a forked child inherits the parent's thread pools (OpenCV, tqdm) in a broken state and
         # can hang; spawned workers start clean (about half a second each, in parallel)
-        pool = ProcessPoolExecutor(max_workers=workers, initializer=_init_worker,
+        pool = ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(os.getpid(),),
                                    mp_context=multiprocessing.get_context("spawn"))
         try:
             results = []

@@ -54,8 +54,8 @@ class PrepareConfig:
         return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
 
 
-def make_phantom(raw_dir: Path, n: int, seed: int) -> dict:
-    info = generate_phantom(raw_dir, n, seed=seed, progress=True)
+def make_phantom(raw_dir: Path, n: int, seed: int, workers: int | None = None) -> dict:
+    info = generate_phantom(raw_dir, n, seed=seed, workers=workers, progress=True)
     return json.loads(json.dumps(info or {}, default=str))
 
 
@@ -101,10 +101,11 @@ def prepare_dataset(cfg: PrepareConfig) -> list[str]:
     t0 = time.time()
     out_dir = Path(cfg.output_dir)
     lines: list[str] = []
-    with PairDatasetWriter(out_dir, cfg.img_size) as writer:
+    # the output may not be, contain or lie inside the input (links resolved): replacing it would delete the input
+    with PairDatasetWriter(out_dir, cfg.img_size, {"--input_dir": cfg.input_dir}) as writer:
         phantom = None
         if cfg.phantom:
-            phantom = make_phantom(writer.staging / "raw", cfg.phantom, cfg.phantom_seed)
+            phantom = make_phantom(writer.staging / "raw", cfg.phantom, cfg.phantom_seed, cfg.workers)
             lines.append(f"phantom: {cfg.phantom} cases generated (seed {cfg.phantom_seed}) into {out_dir / 'raw'} "
                          f"in {time.time() - t0:.1f} s")
         t1 = time.time()

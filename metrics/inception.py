@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from common.checkpoint import unsafe_load_message
 from common.errors import UserError
 from common.io import atomic_write_bytes, sha256_file
 
@@ -108,8 +109,7 @@ def check_local_weights(path: Path) -> None:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UserError(f"{path}: cannot be read as a plain (weights_only) state dict: "
-                        f"{str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}") from None
+        raise UserError(unsafe_load_message(path, exc, "weights file")) from None
     if not isinstance(sd, dict) or "Conv2d_1a_3x3.conv.weight" not in sd or "fc.weight" not in sd:
         raise UserError(f"{path}: not torch-fidelity InceptionV3 weights (no Conv2d_1a_3x3 / fc tensors)")
 

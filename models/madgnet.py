@@ -64,6 +64,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.checkpoint import unsafe_load_message
+
 __all__ = [
     "MADGNet",
     "MFMSABlock",
@@ -240,8 +242,8 @@ def load_encoder_checkpoint(encoder: nn.Module, path: str, in_chans: int = 3) ->
         raise FileNotFoundError(f"encoder checkpoint {path!r} does not exist")
     try:
         state = timm.models.load_state_dict(path, use_ema=False, weights_only=True)
-    except Exception as exc:  # unreadable / unsafe pickle
-        raise ValueError(f"encoder checkpoint {path!r} could not be read as a state dict: {exc}") from exc
+    except Exception as exc:  # unreadable / unsafe pickle: one line, never torch's paragraphs
+        raise ValueError(unsafe_load_message(path, exc, "encoder checkpoint")) from None
     if any(k.startswith("encoder.") for k in state):
         state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}

@@ -45,6 +45,7 @@ from PIL import Image
 
 from common.errors import UserError
 from common.io import atomic_write_json
+from common.workers import die_with_parent
 from phantom.copies import plan_near_duplicates, resave
 from phantom.render import CLASSES, Case, render_full
 
@@ -206,7 +207,8 @@ def _render_and_write(job):
             "lesion_fraction": float(case.mask.mean()) if case.masks else 0.0}
 
 
-def _worker_init():
+def _worker_init(parent_pid: int | None = None):
+    die_with_parent(parent_pid)   # a killed run takes its workers with it
     cv2.setNumThreads(1)
 
 
@@ -247,7 +249,8 @@ def generate_phantom(output_dir: str | Path, n_cases: int, seed: int = 0,
         # spawn, not fork: a child forked after the parent used OpenCV's thread pool can hang for ever in
         # cv2 (seen in the test suite); the workers only use numpy/OpenCV/PIL, with OpenCV's own pool off
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as pool:
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
+                                 initargs=(os.getpid(),)) as pool:
             for rec in pool.map(_render_and_write, jobs, chunksize=4):
                 records.append(rec)
                 bar is not None and bar.update()

@@ -14,7 +14,7 @@ from common.options import flat
 from common.outputs import OutputLock, check_kind, check_separate, check_writable
 from common.precision import resolve_device, resolve_precision
 from training.config import SegTrainConfig
-from training.seg_trainer import SegTrainer, class_names_for, open_training_dataset
+from training.seg_trainer import SegTrainer, check_fits, class_names_for, open_training_dataset
 
 
 def _one_process() -> None:
@@ -50,6 +50,7 @@ def dry_run(cfg: SegTrainConfig, command: str) -> int:
     ds = open_training_dataset(cfg.data_dir)
     if cfg.img_size and cfg.img_size != ds.img_size:
         raise UserError(f"{cfg.data_dir}: images are {ds.img_size} px but --img_size is {cfg.img_size}")
+    check_fits(cfg.model, ds.img_size, cfg.data_dir)
     names = class_names_for(cfg.include_normal)
     rows = {sp: ds.select(split=sp, labels=names) for sp in ("train", "val", "test")}
     for sp in ("val", "test"):

@@ -10,7 +10,9 @@ fixes the number of optimiser steps whatever the training-set size (equal steps 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +97,21 @@ def load_test_set(path: str | Path, class_names: list[str], img_size: int) -> Se
     return load_rows(ds, rows, class_names)
 
 
+def image_hashes(data: SegData) -> list[str]:
+    """sha256 of every image's pixels (uint8, as the model sees them): the same image wherever it is stored."""
+    return [hashlib.sha256(img.numpy().tobytes()).hexdigest() for img in data.images.cpu()]
+
+
+def drop_seen(data: SegData, seen: set[str]) -> tuple[SegData, int]:
+    """``data`` without the images whose pixels are in ``seen``, and how many were left out."""
+    keep = [i for i, h in enumerate(image_hashes(data)) if h not in seen]
+    if len(keep) == len(data):
+        return data, 0
+    idx = torch.tensor(keep, dtype=torch.long)
+    return SegData(data.images[idx], data.masks[idx], data.labels[idx], [data.ids[i] for i in keep],
+                   [data.label_names[i] for i in keep], [data.sources[i] for i in keep]), len(data) - len(keep)
+
+
 def test_set_names(paths: list[str]) -> list[str]:
     """``per_image_<name>.csv`` names for the --test_data sets: the folder name, made unique (never 'test')."""
     names: list[str] = []
@@ -113,6 +130,20 @@ def used_counts(rows: list[dict[str, str]]) -> dict[str, dict[str, int]]:
         out.setdefault(r["label"], {}).setdefault(r["source"], 0)
         out[r["label"]][r["source"]] += 1
     return out
+
+
+MADGNET_MIN_SIZE = 32   # its encoder's deepest features are at stride 32 (models/madgnet.py)
+
+
+def check_fits(m: SegModelConfig, img_size: int, data_dir: str | Path) -> None:
+    """Refuse (one line, before any compute) a segmenter that the dataset's images are too small for."""
+    if m.model == "unet" and 2 ** m.depth > img_size:
+        fits = max(1, img_size.bit_length() - 1)
+        raise UserError(f"--depth {m.depth}: the U-Net halves the image {m.depth} times, which needs images of at least "
+                        f"{2 ** m.depth} px, but {data_dir} is {img_size} px; use --depth {fits} or less")
+    if m.model == "madgnet" and img_size < MADGNET_MIN_SIZE:
+        raise UserError(f"--model madgnet needs images of at least {MADGNET_MIN_SIZE} px (its encoder works at stride "
+                        f"32), but {data_dir} is {img_size} px; use --model unet or prepare the data larger")
 
 
 def segmenter_kwargs(m: SegModelConfig, num_labels: int, pretrained: bool) -> dict[str, Any]:
@@ -147,7 +178,7 @@ def build_model(m: SegModelConfig, num_labels: int, pretrained: bool) -> torch.n
         raise UserError(f"--encoder_checkpoint: {exc}") from None
     except ValueError as exc:
         what = "--encoder_checkpoint" if m.model == "madgnet" and m.encoder_checkpoint else "model configuration"
-        raise UserError(f"{what}: {str(exc).splitlines()[0][:300]}") from None
+        raise UserError(f"{what}: {str(exc).splitlines()[0][:600]}") from None
 
 
 class SegTrainer(Harness):
@@ -163,6 +194,7 @@ class SegTrainer(Harness):
             raise UserError(f"{cfg.data_dir}: images are {self.ds.img_size} px but --img_size is {cfg.img_size} "
                             f"(leave --img_size out, or prepare the data with --img_size {cfg.img_size})")
         cfg.img_size = self.ds.img_size
+        check_fits(cfg.model, cfg.img_size, cfg.data_dir)
         config = {**flat(cfg), "command": command, "dataset_json_sha256": dataset_json_sha256(cfg.data_dir),
                   "dataset_fingerprint": dataset_fingerprint(cfg.data_dir)}
         super().__init__(cfg, config, DistInfo(), device, precision, SEG_RESUMABLE | {"command", "seeds", "config"},
@@ -179,11 +211,26 @@ class SegTrainer(Harness):
                             "(prepare the data with --val_fraction > 0)")
         if not any(r["label"] in TUMOUR_LABELS for r in self.rows["val"]):
             raise UserError(f"{cfg.data_dir}: the validation split has no lesion image to select the model on")
-        self.test_sets = [(name, path, load_test_set(path, self.class_names, cfg.img_size))
-                          for name, path in zip(test_set_names(cfg.test_data), cfg.test_data)]
-        self.train = load_rows(self.ds, self.rows["train"], self.class_names).to(device)
+        train = load_rows(self.ds, self.rows["train"], self.class_names)
         self.val = load_rows(self.ds, self.rows["val"], self.class_names)
         self.test = load_rows(self.ds, self.rows["test"], self.class_names)
+        # an external test set must not hold the images this model trains or is selected on (by pixels, wherever
+        # they are stored and whatever they are called): those are left out, loudly, and counted in metrics.json
+        seen = set(image_hashes(train)) | set(image_hashes(self.val))
+        self.test_sets, self.test_overlap = [], {}
+        for name, path in zip(test_set_names(cfg.test_data), cfg.test_data):
+            data, dropped = drop_seen(load_test_set(path, self.class_names, cfg.img_size), seen)
+            if dropped and not len(data):
+                raise UserError(f"--test_data {path}: all {dropped} of its images are training or validation images "
+                                f"of this segmenter (same pixels as in {cfg.data_dir}); an external test needs other "
+                                "images")
+            if dropped:
+                self.test_overlap[name] = dropped
+                print(f"warning: --test_data {path}: {dropped} of its {dropped + len(data)} images are training or "
+                      f"validation images of this segmenter (same pixels as in {cfg.data_dir}); they are left out of "
+                      f"its external test ({len(data)} images remain)", file=sys.stderr, flush=True)
+            self.test_sets.append((name, path, data))
+        self.train = train.to(device)
         self.run = RunDir(cfg.run.output_dir)
         last = self.run.file("last.pth")
         resuming = load_resumable(last, KIND, self.config, self.resumable, cfg.run.resume, self.renamed,
@@ -324,7 +371,10 @@ class SegTrainer(Harness):
         for name, path, data in self.test_sets:
             section, rows = self._score(data)
             ext_rows[name] = rows
-            external[name] = {"path": str(Path(path).resolve()), "per_image_csv": f"per_image_{name}.csv", **section}
+            external[name] = {"path": str(Path(path).resolve()), "per_image_csv": f"per_image_{name}.csv",
+                              "overlap_dropped": self.test_overlap.get(name, 0),
+                              "overlap_rule": "images pixel-identical to a training or validation image of this "
+                                              "segmenter are left out", **section}
         grid = self._save_prediction_grid()
         info = self.ds.info
         epochs = self.epochs_done()
@@ -371,6 +421,9 @@ class SegTrainer(Harness):
         run.log(summary_line("test", test_section))
         for name, section in external.items():
             run.log(summary_line(name, section))
+            if section["overlap_dropped"]:
+                run.log(f"warning: {name}: {section['overlap_dropped']} image(s) left out, being training or "
+                        "validation images of this segmenter")
         run.log(f"metrics: {run.file('metrics.json')}; per image: {run.file('per_image_test.csv')}; "
                 f"{grid} (top: ground truth, bottom: prediction)")
         for warning in metrics["warnings"]:   # loud, and last, so it is not lost above the summary lines
