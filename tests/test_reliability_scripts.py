@@ -126,9 +126,9 @@ def test_stale_staging_of_dead_runs_is_cleaned_and_the_phantom_gets_workers(data
         (tmp_path / name / "images").mkdir(parents=True)
         (tmp_path / name / "images" / "x.png").write_bytes(b"half")
     os.chmod(tmp_path / f".p.old-{gone}" / "images", stat.S_IRUSR | stat.S_IXUSR)   # a read-only old dataset
-    import phantom.simulator as sim
-    seen, real_generate = [], sim.generate_phantom
-    monkeypatch.setattr(sim, "generate_phantom", lambda *a, **k: seen.append(k.get("workers")) or real_generate(*a, **k))
+    import data.prepare as prep
+    seen, real_generate = [], prep.generate_phantom
+    monkeypatch.setattr(prep, "generate_phantom", lambda *a, **k: seen.append(k.get("workers")) or real_generate(*a, **k))
     prepare_busi_dataset.main(["--phantom", "20", "--img_size", "16", "--workers", "1", "--output_dir", str(out)])
     assert seen == [1], "--workers is passed to the phantom generator"
     left = sorted(p.name for p in tmp_path.iterdir())
@@ -301,7 +301,7 @@ def test_a_checkpoint_that_could_run_code_is_refused_in_plain_words(tmp_path):
     one_line_refusal(res, "refused", "could run code", "system")
     assert "Re-running" not in res.stderr and "weights_only set to False" not in res.stderr
     # the same words wherever a file is loaded: a run's checkpoint, the Inception weights, a MADGNet encoder
-    for load in (lambda: load_checkpoint(evil), lambda: __import__("metrics.generation").generation.check_local_weights(evil)):
+    for load in (lambda: load_checkpoint(evil), lambda: __import__("metrics.inception").inception.check_local_weights(evil)):
         with pytest.raises(UserError, match="refused, because it holds the Python object .*system and loading it "
                                             "could run code"):
             load()
