@@ -6,21 +6,18 @@ Writes metrics.json and a self-contained report.html to --output_dir and prints 
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
-import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-
 from common.errors import UserError
 from common.cli import (csv_list, make_parser, parse_config, positive_int, print_config,
                         resolved_config, run_main)
-from common.io import atomic_write_json, atomic_write_text, sha256_file
+from common.io import atomic_write_json, atomic_write_text
 from common.options import bounded
 from common.outputs import OutputLock, check_kind, check_separate, check_writable, claim
+from metrics.eval_data import fewer_page_faults, label_counts, load_sets
+from metrics.run_checks import check_runs
 from metrics.registry import EvalContext, EvalOptions, resolve_skip, run_stages, skip_names, stage_enabled
 
 EPILOG = """examples:
@@ -81,103 +78,6 @@ def build_parser():
     return p
 
 
-def _run_folder(path: Path) -> Path | None:
-    """The run folder of a --baseline_run / --combined_run argument (a folder, or a per_image_*.csv inside one)."""
-    if path.is_dir():
-        return path
-    if path.name.startswith("per_image_") and ((path.parent / "metrics.json").is_file()
-                                                or (path.parent / "config.json").is_file()):
-        return path.parent
-    return None
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _training_sources(path: Path) -> tuple[dict[str, int] | None, str]:
-    """What a segmentation run trained on, from its own record: ({"real": n, "synthetic": n} of its training pairs,
-    where that was read), or (None, why it cannot be told)."""
-    folder = _run_folder(path)
-    if folder is None:
-        return None, "a per-image CSV outside a run folder records no training data"
-    metrics, config = _read_json(folder / "metrics.json"), _read_json(folder / "config.json")
-    if "checkpoint_path" in metrics or "checkpoint_path" in config:
-        return None, "a segment_with_diffusion.py run: its segmenter is the diffusion model"
-    ds = metrics.get("dataset") if isinstance(metrics.get("dataset"), dict) else {}
-    used = (ds.get("used") or {}).get("train") if isinstance(ds.get("used"), dict) else None
-    if isinstance(used, dict) and used:
-        counts = {"real": 0, "synthetic": 0}
-        for per_source in used.values():
-            for source, n in (per_source or {}).items():
-                counts[source] = counts.get(source, 0) + int(n)
-        return counts, f"{folder / 'metrics.json'} (dataset {ds.get('path')})"
-    if isinstance(ds.get("n_train"), int) and isinstance(ds.get("n_synthetic_train"), int):
-        return ({"real": ds["n_train"] - ds["n_synthetic_train"], "synthetic": ds["n_synthetic_train"]},
-                f"{folder / 'metrics.json'} (dataset {ds.get('path')})")
-    data_dir, recorded = config.get("data_dir"), config.get("dataset_json_sha256")
-    if data_dir and recorded and (Path(data_dir) / "dataset.json").is_file():   # a run older than the record
-        from data.pairs import read_metadata
-        if sha256_file(Path(data_dir) / "dataset.json") != recorded:
-            return None, f"its dataset {data_dir} has changed since it trained"
-        counts = {"real": 0, "synthetic": 0}
-        for row in read_metadata(Path(data_dir) / "metadata.csv"):
-            if row.get("split") == "train":
-                counts[row.get("source", "real")] = counts.get(row.get("source", "real"), 0) + 1
-        return counts, f"{data_dir} (recorded in {folder / 'config.json'})"
-    return None, "its folder records no training dataset"
-
-
-def _check_runs(args) -> list[str]:
-    """The downstream verdict's inputs, before any compute: every --baseline_run trained on real pairs only and every
-    --combined_run on synthetic + real ones (from each run's own record), no run given twice or on both sides (paths
-    resolved, copies found by their per-image results). Returns warnings for runs whose data cannot be told."""
-    runs = [("--baseline_run", r) for r in args.baseline_run or []] + \
-        [("--combined_run", r) for r in args.combined_run or []]
-    seen: dict[Any, tuple[str, str]] = {}
-    notes = []
-    for flag, run in runs:
-        path = Path(run).expanduser()
-        if not path.exists():
-            raise UserError(f"{flag} {run}: not found (a train_segmentation.py run folder or its per_image_test.csv)")
-        folder = _run_folder(path)
-        table = (folder / "per_image_test.csv") if folder is not None and path.is_dir() else path
-        if not table.is_file():
-            raise UserError(f"{flag} {run}: {table} not found (is it a finished train_segmentation.py run?)")
-        content = hashlib.sha256(table.read_bytes())   # a copied run: the same results and the same weights
-        if folder is not None and (folder / "best_model.pth").is_file():
-            content.update(sha256_file(folder / "best_model.pth").encode())
-        keys = [("path", os.path.realpath(folder if folder is not None else path)), ("results", content.hexdigest())]
-        for key in keys:
-            if key in seen:
-                other_flag, other = seen[key]
-                how = "is the same run as" if key[0] == "path" else "has the same results and weights as (a copy of)"
-                if other_flag == flag:
-                    raise UserError(f"{flag} {run} {how} {other_flag} {other}: give each run (seed) once")
-                raise UserError(f"{flag} {run} {how} {other_flag} {other}: a run cannot be on both sides of the "
-                                "comparison")
-            seen[key] = (flag, run)
-    for flag, run in runs:
-        counts, where = _training_sources(Path(run).expanduser())
-        want = "real pairs only" if flag == "--baseline_run" else "synthetic + real pairs"
-        if counts is None:
-            notes.append(f"{flag} {run}: cannot check that it trained on {want} ({where})")
-            continue
-        n_real, n_syn = counts.get("real", 0), counts.get("synthetic", 0)
-        trained = f"trained on {n_real} real + {n_syn} synthetic pairs ({where})"
-        if flag == "--baseline_run" and n_syn:
-            raise UserError(f"--baseline_run {run}: {trained}; the baseline must be trained on real data only "
-                            "(are --baseline_run and --combined_run swapped?)")
-        if flag == "--combined_run" and not (n_syn and n_real):
-            raise UserError(f"--combined_run {run}: {trained}; the combined run must be trained on synthetic + real "
-                            "data (create_combined_dataset.py; are --baseline_run and --combined_run swapped?)")
-    return notes
-
-
 def _check_output(args, kind: str, inputs: dict[str, Any]) -> Path:
     """The output folder, before any compute: not an input (nor inside / around one), writable, and empty or of this
     ``kind`` (common.outputs)."""
@@ -186,57 +86,6 @@ def _check_output(args, kind: str, inputs: dict[str, Any]) -> Path:
     check_writable(out)
     check_kind(out, kind)
     return out
-
-
-def _load_sets(args) -> dict[str, Any]:
-    from data.pairs import open_pair_dataset
-    real, syn = open_pair_dataset(args.real_data), open_pair_dataset(args.synthetic_data)
-    if real.img_size != syn.img_size:
-        raise UserError(f"image sizes differ: {args.real_data} is {real.img_size} px, {args.synthetic_data} is "
-                        f"{syn.img_size} px (prepare / generate both at one --img_size)")
-    rng = np.random.default_rng(args.seed)
-    cap = (lambda rows: rows if args.max_images is None or len(rows) <= args.max_images else
-           [rows[i] for i in sorted(rng.choice(len(rows), args.max_images, replace=False))])
-    train = cap(real.select(split="train", source="real"))
-    held = cap(real.select(split=("val", "test"), source="real"))
-    syn_rows = syn.select(source="synthetic")
-    note = None
-    if not syn_rows:
-        syn_rows = syn.rows
-        note = f"{args.synthetic_data} has no synthetic-source pairs: all {len(syn_rows)} pairs are the synthetic side"
-        print(f"note: {note}")
-    syn_rows = cap(syn_rows)
-    if not train:
-        raise UserError(f"{args.real_data}: no real pairs in the train split (the reference set)")
-    if not syn_rows:
-        raise UserError(f"{args.synthetic_data}: no pairs to evaluate")
-    t0 = time.time()
-    ri, rm = real.load(train + held)
-    si, sm = syn.load(syn_rows)
-    print(f"loaded {len(train)} real train + {len(held)} held-out + {len(syn_rows)} synthetic pairs at "
-          f"{real.img_size} px ({time.time() - t0:.1f} s)")
-    return {"real_images": ri, "real_masks": rm, "real_heldout": np.array([False] * len(train) + [True] * len(held)),
-            "real_labels": np.array([r["label"] for r in train + held]),
-            "real_groups": np.array([r["group"] for r in train + held]), "train_ids": [r["id"] for r in train],
-            "real_ids": [r["id"] for r in train + held],
-            "syn_images": si, "syn_masks": sm, "syn_labels": np.array([r["label"] for r in syn_rows]),
-            "syn_ids": [r["id"] for r in syn_rows], "img_size": real.img_size, "note": note}
-
-
-def _fewer_page_faults() -> None:
-    """glibc hands every large tensor back to the OS and faults it in again on the next batch (~10% of the
-    Inception time as system time on CPU); keep freed memory in the heap instead. No effect elsewhere."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
-def _counts(labels: np.ndarray) -> dict[str, int]:
-    return {str(k): int(v) for k, v in zip(*np.unique(labels, return_counts=True))}
 
 
 def _reader_study(args) -> int:
@@ -253,11 +102,7 @@ def _reader_study(args) -> int:
             key = RS.build_reader_study(args.real_data, args.synthetic_data, args.reader_study, out, seed=args.seed,
                                         command=args.command)
             claim(out, "reader-study", args.command)
-        print(f"wrote {out / RS.PAGE_NAME}: {key['n']} images ({key['n_real']} real, {key['n_synthetic']} synthetic; "
-              f"study {key['study']})\nwrote {out / RS.KEY_NAME}: the sealed key\n"
-              f"send the HTML page to the readers (it opens offline in any browser; each reader downloads "
-              f"answers.csv at the end); keep the key private. Then score:\n"
-              f"  python evaluate.py --score_reader_study answers.csv --key {out / RS.KEY_NAME} --output_dir {out}")
+        print(RS.built_message(key, out))
         return 0
     if not args.key:
         raise UserError("--score_reader_study needs --key reader_study_key.json (written by --reader_study)")
@@ -288,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 0 < args.memorisation_threshold <= 1:
         raise UserError(f"--memorisation_threshold must be in (0, 1], got {args.memorisation_threshold}")
     runs = [] if "downstream" in args.skip else [*(args.baseline_run or []), *(args.combined_run or [])]
-    notes = _check_runs(args) if runs else []
+    notes = check_runs(args.baseline_run or [], args.combined_run or []) if runs else []
     out = _check_output(args, "evaluation", {"--real_data": args.real_data, "--synthetic_data": args.synthetic_data,
                                              **{f"run {r}": r for r in runs}})
     for note in notes:
@@ -298,8 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _evaluate(args, notes: list[str]) -> int:
-    d = _load_sets(args)
-    _fewer_page_faults()
+    d = load_sets(args.real_data, args.synthetic_data, args.seed, args.max_images)
+    fewer_page_faults()
     from metrics import report as R
     from metrics.inception import check_local_weights
     from common.precision import resolve_device
@@ -314,9 +159,9 @@ def _evaluate(args, notes: list[str]) -> int:
         "inputs": {"real_data": args.real_data, "synthetic_data": args.synthetic_data, "img_size": d["img_size"],
                    "n_real_train": int((~d["real_heldout"]).sum()), "n_heldout": n_held,
                    "n_synthetic": len(d["syn_ids"]), "synthetic_selection": d["note"],
-                   "per_class": {"real_train": _counts(d["real_labels"][~d["real_heldout"]]),
-                                 "heldout": _counts(d["real_labels"][d["real_heldout"]]),
-                                 "synthetic": _counts(d["syn_labels"])}},
+                   "per_class": {"real_train": label_counts(d["real_labels"][~d["real_heldout"]]),
+                                 "heldout": label_counts(d["real_labels"][d["real_heldout"]]),
+                                 "synthetic": label_counts(d["syn_labels"])}},
         "warnings": list(notes), "timings_s": {}}
     from data.duplicates import leak_line, split_leak_check    # near-duplicates across the real splits
     metrics["leak_check"] = split_leak_check(d["real_images"], d["real_heldout"], d["real_ids"])

@@ -430,3 +430,14 @@ render();
 </script>
 </body></html>
 """
+
+
+def built_message(key: dict, out) -> str:
+    """What evaluate.py --reader_study prints once the page and its key are written to ``out``."""
+    from pathlib import Path
+    out = Path(out)
+    return (f"wrote {out / PAGE_NAME}: {key['n']} images ({key['n_real']} real, {key['n_synthetic']} synthetic; "
+            f"study {key['study']})\nwrote {out / KEY_NAME}: the sealed key\n"
+            "send the HTML page to the readers (it opens offline in any browser; each reader downloads answers.csv at "
+            "the end); keep the key private. Then score:\n"
+            f"  python evaluate.py --score_reader_study answers.csv --key {out / KEY_NAME} --output_dir {out}")
