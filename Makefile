@@ -8,13 +8,13 @@ STAMP  := $(VENV)/.requirements-installed
 .PHONY: demo test test-slow bench bench-quality gpu-check evidence clean-demo help
 
 help:
-	@echo "make demo       run every phase on a generated phantom at 64 px (CPU, ~11 min)"
+	@echo "make demo       run every phase on a generated phantom at 64 px (CPU, minutes)"
 	@echo "make test       the fast CPU test suite"
 	@echo "make test-slow  also the slow end-to-end tests"
 	@echo "make bench      performance benchmarks against peers (bench/)"
 	@echo "make bench-quality  time to realism: generator recipes on BUS-BRA at 64 px (BUSBRA=/path; hours)"
 	@echo "make gpu-check  every phase at 256 px in bf16 on a CUDA GPU, a few minutes (bench/gpu_check.json)"
-	@echo "make evidence   the whole recipe on BUS-BRA, results in results/busbra/ (CPU: ~5 h)"
+	@echo "make evidence   the whole recipe on BUS-BRA (BUSBRA=/path), results in results/busbra_v2/ (CPU: many hours)"
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,7 +49,7 @@ demo: $(STAMP)
 	@echo "demo report: $(DEMO_RUNS)/report/report.html"
 
 # ---------------------------------------------------------------------------------------------- benchmarks
-# Ratios against peers measured in the same run; writes bench/results.json (README "Performance"). ~13 min on CPU.
+# Ratios against peers measured in the same run; writes bench/results.json (docs/benchmarks.md).
 bench: $(STAMP)
 	$(PY) bench/run.py
 
@@ -66,7 +66,7 @@ gpu-check: $(STAMP)
 
 # ---------------------------------------------------------------------------------------------- evidence
 # The whole recipe on BUS-BRA (make evidence BUSBRA=/path/to/BUSBRA, the folder of the Zenodo download): arms x 3
-# seeds, the answer in results/busbra/ (README "Results on real ultrasound"). ~5 h on 2 CPU cores.
+# seeds, the answer in results/busbra_v2/ (docs/evidence.md). Many hours on 2 CPU cores.
 BUSBRA ?=
 evidence: $(STAMP)
 	@test -n "$(BUSBRA)" || { echo "make evidence needs BUSBRA=/path/to/BUSBRA (the BUS-BRA download)"; exit 2; }
