@@ -24,6 +24,7 @@ from common.errors import UserError
 from common.outputs import MARKER, OutputLock
 from data.pairs import PairDatasetWriter, open_pair_dataset, write_png
 
+from refusals import cli, one_line_refusal
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEG = ["--model", "unet", "--base_width", "4", "--depth", "2", "--norm", "group", "--batch_size", "4",
        "--epochs", "1", "--warmup_steps", "0", "--device", "cpu", "--precision", "fp32"]
@@ -40,20 +41,6 @@ def pairs(path, seed=0, n=20, size=16, source="real", all_train=False):
             w.add(f"{source[0]}{i:02d}", img, m, label=("benign", "malignant")[i % 2], split=split, source=source)
         w.commit("test")
     return str(path)
-
-
-def cli(script, *argv):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, script, *map(str, argv)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
-
-
-def one_line_refusal(res, *needles):
-    err = res.stderr.strip()
-    assert res.returncode == 2, (res.returncode, err[-800:])
-    assert len(err.splitlines()) == 1 and "Traceback" not in err and err.startswith("error:"), err
-    for n in needles:
-        assert n in err, (n, err)
 
 
 def snapshot(folder):

@@ -3,8 +3,6 @@ refusals change nothing, one line and exit 2 for bad flags and preset values, on
 import json
 import os
 import stat
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,6 +14,7 @@ from common.errors import UserError
 from common.outputs import OutputLock
 from data.pairs import PairDatasetWriter
 
+from refusals import cli, one_line_refusal
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model_channels", "8", "--channel_mult", "1,2", "--num_res_blocks", "1", "--transformer_depth", "1",
         "--num_heads", "2", "--batch_size", "4", "--log_every", "2", "--save_every", "2", "--sample_every", "0",
@@ -41,20 +40,6 @@ def pairs(path, seed=0, n=20, size=16):
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("rel")
     return {"a": pairs(root / "a"), "b": pairs(root / "b", seed=1), "root": root}
-
-
-def cli(script, *argv):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, script, *map(str, argv)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
-
-
-def one_line_refusal(res, *needles):
-    err = res.stderr.strip()
-    assert res.returncode == 2, (res.returncode, err[-800:])
-    assert len(err.splitlines()) == 1 and "Traceback" not in err and err.startswith("error:"), err
-    for n in needles:
-        assert n in err, (n, err)
 
 
 # ---------------------------------------------------------------------------------------------- flags and presets
