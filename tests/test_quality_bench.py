@@ -49,3 +49,33 @@ def test_bad_input_is_one_line(tmp_path):
     assert res.returncode == 2 and res.stderr.startswith("error: --recipes: unknown nonsense")
     res = run("--samplers", "dpm:x", "--work_dir", str(tmp_path), "--phases", "samplers")
     assert res.returncode == 2 and "SAMPLER:STEPS:GUIDANCE" in res.stderr
+
+
+def test_an_extra_ema_equal_to_the_preset_ema_is_not_a_second_result(tmp_path):
+    """Under the warm-up cap, decays 0.999 and 0.998 are the same weights until step 4490: the benchmark must not
+    evaluate and report them as two EMA lengths; a decay the cap lets through (0.99 after 890 steps) differs."""
+    import torch
+    from torch import nn
+    sys.path.insert(0, str(ROOT))
+    from bench import quality
+    from common.checkpoint import save_checkpoint
+    from training.ema import EMA
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 4)
+    emas = {d: EMA(model, decay=d) for d in (0.999, 0.998, 0.99)}
+    for _ in range(1200):
+        with torch.no_grad():
+            model.weight.add_(0.01 * torch.randn_like(model.weight))
+        for e in emas.values():
+            e.update(model)
+    ckpt = {"kind": "diffusion", "step": 1200, "ema": emas[0.999].module.state_dict(),
+            "extra_emas": {"0.998": emas[0.998].module.state_dict(), "0.99": emas[0.99].module.state_dict()}}
+    why = quality.same_as_primary(ckpt, "0.998")
+    assert why and "step 1200" in why and "0.99256" in why   # (1 + 1200) / (10 + 1200)
+    assert quality.same_as_primary(ckpt, "0.99") is None
+    snap = tmp_path / "min1.pth"
+    save_checkpoint(snap, ckpt)
+    assert quality.extra_ema_skip(snap, "0.998") == why
+    assert "not in the snapshot" in quality.extra_ema_skip(snap, "0.995")
+    assert quality.extra_ema_skip(snap, "0.99") is None
