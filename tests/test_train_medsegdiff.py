@@ -58,6 +58,8 @@ def test_artifacts_and_checkpoint_roundtrip(data16, tmp_path):
     for key in ("loss_t_q1", "loss_t_q4", "lr", "s_per_step", "img_per_s", "loss_mask", "loss_anchor"):
         assert key in train_recs[0]
     assert any("val_loss" in s for s in stats)
+    # 6 steps never reach the default EMA decay: the start line says what the run's EMA really is
+    assert "EMA decay 0.9999 takes effect after 89990 updates, beyond this run's 6 steps" in (out / "log.txt").read_text()
     # weights_only round trip rebuilds the EMA model from the checkpoint alone
     model, diffusion, ckpt = load_diffusion_checkpoint(out / "best_model.pth")
     raw = torch.load(out / "best_model.pth", weights_only=True)

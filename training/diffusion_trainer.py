@@ -26,7 +26,7 @@ from data.pairs import LABELS, dataset_fingerprint, open_pair_dataset
 from models.denoisers import build_denoiser
 from models.diffusion import JointDiffusion, model_space_to_images
 from training.config import DIFFUSION_RESUMABLE, DiffusionTrainConfig
-from training.ema import EMA
+from training.ema import EMA, warmup_note
 from training.harness import Harness
 
 
@@ -145,7 +145,8 @@ class DiffusionTrainer(Harness):
                 f"({counts}), {self.total_steps} steps of global batch {self.global_batch}"
                 f"{f' x {c.optim.gradient_accumulation_steps} accumulated' if c.optim.gradient_accumulation_steps > 1 else ''}"
                 f" ({self.steps_per_epoch} steps/epoch), {c.img_size} px, {c.diffusion.parameterization}, "
-                f"{self.precision}, {self.device}{f' x {self.dist.world_size} processes' if self.dist.enabled else ''}")
+                f"{self.precision}, {self.device}{f' x {self.dist.world_size} processes' if self.dist.enabled else ''}"
+                + (f"\n{note}" if (note := warmup_note(c.optim.ema_decay, self.total_steps)) else ""))
 
     # ------------------------------------------------------------------ one step
     def make_batch(self, idx: torch.Tensor):

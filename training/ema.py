@@ -7,6 +7,7 @@ With ``warmup`` the effective decay is ``min(decay, (1 + n) / (10 + n))`` after 
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
@@ -46,3 +47,19 @@ class EMA:
         self.num_updates = int(state["num_updates"])
         self.decay = float(state["decay"])
         self.warmup = bool(state["warmup"])
+
+
+def steps_until_decay(decay: float) -> int:
+    """The update count from which the warm-up cap (1 + n) / (10 + n) no longer lowers `decay`."""
+    return max(0, math.ceil(round(9.0 / (1.0 - decay) - 10.0, 6))) if decay < 1.0 else 0   # round: 0.9999 is not exact
+
+
+def warmup_note(decay: float, total_steps: int) -> str:
+    """A sentence when a run of `total_steps` never reaches its EMA decay (empty otherwise): until then the EMA
+    averages over a window that grows with the step count, which is what a short run actually gets."""
+    need = steps_until_decay(decay)
+    if total_steps >= need:
+        return ""
+    final = (1.0 + total_steps) / (10.0 + total_steps)
+    return (f"EMA decay {decay:g} takes effect after {need} updates, beyond this run's {total_steps} steps: the "
+            f"warm-up cap (1+n)/(10+n) sets the decay throughout ({final:.5f} at the last step)")
