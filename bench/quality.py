@@ -631,6 +631,20 @@ def markdown_table(res: dict[str, Any]) -> str:
                      f" | {ratio:.0f}x | {rec['fid']:.1f} ({rec['fid_floor']:.1f}) | {rec['morphology_w1']:.3f} "
                      f"({rec['morphology_w1_floor']:.3f}) | {rec['nearest_train_ssim']:.3f} "
                      f"({rec['nearest_train_ssim_floor']:.3f}) |")
+    budgets = sorted({float(m) for rec in res["recipes"].values() for m in rec["by_budget"]})
+    if len(budgets) > 1:   # KID of every recipe at every budget it reached (the preset's EMA)
+        lines += ["", "| recipe | " + " | ".join(f"{m:g} min" for m in budgets) + " |",
+                  "|---|" + "---|" * len(budgets)]
+        for name, rec in sorted(res["recipes"].items()):
+            cells = [rec["by_budget"].get(f"{m:g}", {}).get(EMA_VARIANTS[0]) for m in budgets]
+            lines.append(f"| {name} | " + " | ".join(f"{c['kid']:.4f} ({c['steps']} steps)" if c else ""
+                                                     for c in cells) + " |")
+    for group, by_sampler in res.get("samplers", {}).items():   # the same snapshot, the same N
+        lines += ["", f"| sampler ({group}, N = {next(iter(by_sampler.values()))['n']}) | KID ± std | FID | "
+                      "morphology W1 | s / sample |", "|---|---|---|---|---|"]
+        for key, v in sorted(by_sampler.items(), key=lambda kv: kv[1]["kid"]):
+            lines.append(f"| {key} | {v['kid']:.4f} ± {v['kid_std']:.4f} | {v['fid']:.1f} | {v['morphology_w1']:.3f} "
+                         f"| {v['s_per_sample']:.2f} |")
     return "\n".join(lines)
 
 
