@@ -79,3 +79,44 @@ def test_an_extra_ema_equal_to_the_preset_ema_is_not_a_second_result(tmp_path):
     assert quality.extra_ema_skip(snap, "0.998") == why
     assert "not in the snapshot" in quality.extra_ema_skip(snap, "0.995")
     assert quality.extra_ema_skip(snap, "0.99") is None
+
+
+def test_report_puts_the_default_draw_beside_the_sampler_variants_and_extrapolates_in_cpu_minutes(tmp_path, capsys):
+    """The samplers table compares draws at the same N only, takes the evaluate phase's draw as the default sampler's
+    row (not drawn twice), and the scaling block states its extrapolation in FLOPs and in this machine's minutes."""
+    import argparse
+    sys.path.insert(0, str(ROOT))
+    from bench import quality
+
+    def metrics(path, minutes, kid, n, steps, sampler=None):
+        path.mkdir(parents=True)
+        rec = {"minutes": minutes, "ema": "0.999", "kid": kid, "kid_std": 0.002, "kid_floor": 0.0003,
+               "kid_floor_std": 0.0005, "fid": 90.0, "fid_floor": 28.5, "morphology_w1": 0.5,
+               "morphology_w1_floor": 0.09, "nearest_train_ssim": 0.3, "nearest_train_ssim_floor": 0.3,
+               "steps": steps, "train_cpu_s": 60.0 * minutes, "n": n, "per_class": {}, "sampling_seconds": 0.5 * n,
+               "s_per_sample": 0.5}
+        if sampler:
+            rec["sampler"] = sampler
+        (path / "metrics.json").write_text(json.dumps(rec))
+
+    work = tmp_path / "w"
+    ev = work / "eval" / "current"
+    metrics(ev / "min15_ema0.999", 15, 0.096, 500, 1000)
+    metrics(ev / "min30_ema0.999", 30, 0.090, 500, 2000)
+    metrics(ev / "min60_ema0.999", 60, 0.080, 500, 4000)
+    metrics(ev / "min60_ema0.999_ddim-50-1.5", 60, 0.075, 500, 4000, {"name": "ddim", "steps": 50, "guidance": 1.5})
+    args = argparse.Namespace(headline_budget=60.0, winner="current", output=str(tmp_path / "q.json"))
+    s = quality.Setup(tmp_path / "data", work, 500, False, 1)
+    res = quality.report(args, s, ["current"])
+    group = res["samplers"]["current 60 min"]
+    assert set(group) == {"ddim-50 guidance 1.5", "dpmsolver++-20 guidance 1.5 (default)"}
+    assert group["dpmsolver++-20 guidance 1.5 (default)"]["kid"] == 0.080 and all(v["n"] == 500 for v in group.values())
+    sc = res["scaling"]
+    assert [p["minutes"] for p in sc["points"]] == [15, 30, 60] and sc["fit"]["slope"] < 0
+    per_min = sc["points"][-1]["flops"] / 60
+    assert abs(sc["predicted_cpu_minutes_to_kid_0.01"] * per_min - sc["predicted_flops_to_kid_0.01"]) < 1e-6 * \
+        sc["predicted_flops_to_kid_0.01"]
+    assert sc["kid_0.01_within_a_2_core_day"] is False   # a slope this shallow needs far more than 2880 minutes
+    out = capsys.readouterr().out
+    assert "| sampler (current 60 min, N = 500)" in out and "| current | 0.0960 (1000 steps)" in out
+    assert quality.is_default_sampler("dpmsolver++:20:1.5") and not quality.is_default_sampler("dpmsolver++:50:1.5")
