@@ -19,19 +19,18 @@
   report     bench/quality.json, bench/quality_kid.png (KID against training minutes, log-log, one line per
              recipe), the scaling fit of the winner (KID against training FLOPs) and a Markdown table.
 
-Recipes are named changes to today's preset (see RECIPES; `--list` prints them). `--quick` runs the whole path on a
+Recipes are named changes to a baseline (bench/quality_recipes.py; `--list` prints them); the report phase is
+bench/quality_report.py. `--quick` runs the whole path on a
 small phantom in about a minute (tested); it measures nothing.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -39,69 +38,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from common.cli import csv_list, positive_int, run_main
+from bench.quality_recipes import (BASELINE_FLAGS, BENCH_FLAGS, EMA_VARIANTS, PRESET, QUICK_RECIPES,  # noqa: E402
+                                   RECIPES, Setup, is_default_sampler, parse_sampler)
+from bench.quality_report import report  # noqa: E402
+from common.cli import csv_list, positive_int, run_main  # noqa: E402
 from common.errors import UserError  # noqa: E402
 from common.io import atomic_write_json  # noqa: E402
 
-PRESET = "configs/busbra_evidence.yaml"
 QUALITY_JSON = ROOT / "bench" / "quality.json"
-QUALITY_PLOT = ROOT / "bench" / "quality_kid.png"
-# every recipe trains under the same loop settings: a constant learning rate (the budget, not a step count, ends a
-# run), validation only at the end, no sample grids, last.pth every 200 steps, two more EMA lengths.
-# The EMA warm-up caps every decay at (1 + n) / (10 + n) after n steps, so a decay d only takes effect after
-# 9 / (1 - d) - 10 steps: 890 for 0.99, 1790 for 0.995, 8990 for the preset's 0.999. Decays above the cap at the
-# benchmark's step counts (0.998 and 0.9995 were tried first) give weights identical to the preset's, so the extra
-# lengths are the shorter ones that bind within a 30-minute budget.
-BENCH_FLAGS = ["--lr_scheduler", "constant_with_warmup", "--max_steps", "10000000", "--sample_every", "0",
-               "--val_every", "10000000", "--save_every", "200", "--log_every", "50",
-               "--extra_ema_decays", "0.99,0.995", "--budget_clock", "cpu"]
-EMA_VARIANTS = ("0.999", "0.99", "0.995")   # the preset's EMA first; the others are extra_ema_decays
-PEER_CHANNELS = "24,48,48,96"                 # diffusers UNet2DModel at the preset's FLOPs per step (87.5 vs 89.5 G)
-
-
-@dataclass
-class Recipe:
-    what: str
-    flags: list[str] = field(default_factory=list)
-
-
-# The recipes are changes to the preset as it stood when the benchmark ran (lr 5e-4); every recipe starts from that
-# baseline explicitly, so the committed results stay reproducible whatever the preset becomes.
-# (The peer was trained at the baseline's lr too: it had no learning-rate sweep of its own.)
-BASELINE_FLAGS = ["--lr", "5e-4"]
-RECIPES: dict[str, Recipe] = {
-    "current": Recipe("configs/busbra_evidence.yaml before this benchmark: MedSegDiffV2 11.3M, patch 2, "
-                      "v-prediction + Min-SNR-5, transformer at the 4x4 bottleneck, lr 5e-4, batch 16"),
-    "peer": Recipe("diffusers UNet2DModel (24-48-48-96, attention at 8x8) at equal FLOPs per step, same loss and loop",
-                   ["--arch", "UNet2DPeer", "--peer_channels", PEER_CHANNELS]),
-    "edm": Recipe("EDM parameterisation: preconditioning, log-normal sigma, EDM loss weight; EDM DPM-Solver++",
-                  ["--parameterization", "edm"]),
-    "patch1": Recipe("no patch folding: patch 1, widths halved (24-48-48-96) at equal FLOPs",
-                     ["--patch_size", "1", "--model_channels", "24"]),
-    "attn_none": Recipe("no attention anywhere", ["--transformer_depth", "0"]),
-    "attn8": Recipe("attention at 8x8 tokens (after every residual block of that level) instead of the bottleneck",
-                    ["--transformer_depth", "0", "--attention_levels", "2"]),
-    "attn16": Recipe("attention at 16x16 tokens instead of the bottleneck",
-                     ["--transformer_depth", "0", "--attention_levels", "1"]),
-    "selfcond": Recipe("self-conditioning (Analog Bits)", ["--self_condition"]),
-    "mask_scaled": Recipe("mask channel as scaled analog bits (+-0.5)", ["--mask_scale", "0.5"]),
-    "mask_sdf": Recipe("mask channel as a signed distance map (saturating at 8 px)", ["--mask_encoding", "sdf"]),
-    "lr1e-3": Recipe("learning rate 1e-3 (baseline 5e-4): led at 15-30 min, stalled by 60", ["--lr", "1e-3"]),
-    "lr1e-3_sdf": Recipe("lr 1e-3 with the signed-distance mask (the 30-minute "
-                         "leaders on KID and on lesion shape together)", ["--lr", "1e-3", "--mask_encoding", "sdf"]),
-    "lr2e-4": Recipe("learning rate 2e-4 (baseline 5e-4)", ["--lr", "2e-4"]),
-    "batch32": Recipe("batch 32 (baseline 16)", ["--batch_size", "32"]),
-    "batch8": Recipe("batch 8 (baseline 16)", ["--batch_size", "8"]),
-    "wide": Recipe("wider and shallower at ~equal FLOPs: width 56, 1 residual block per level",
-                   ["--model_channels", "56", "--num_res_blocks", "1"]),
-    "deep": Recipe("narrower and deeper at ~equal FLOPs: width 42, 3 residual blocks per level",
-                   ["--model_channels", "42", "--num_res_blocks", "3"]),
-}
-QUICK_FLAGS = ["--model_channels", "16", "--channel_mult", "1,2", "--transformer_depth", "1", "--num_heads", "2",
-               "--batch_size", "8", "--warmup_steps", "2", "--save_every", "5", "--log_every", "5",
-               "--val_timesteps", "2", "--max_val_images", "16"]
-QUICK_RECIPES = {"current": [], "peer": ["--arch", "UNet2DPeer", "--peer_channels", "8,16"],
-                 "edm": ["--parameterization", "edm"]}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,31 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------------------- settings
-@dataclass
-class Setup:
-    data_dir: Path
-    work: Path
-    n_samples: int
-    quick: bool
-    threads: int
-
-    def run_dir(self, recipe: str) -> Path:
-        return self.work / "runs" / recipe
-
-    def snapshot(self, recipe: str, minutes: float) -> Path:
-        return self.run_dir(recipe) / "snapshots" / f"min{minutes:g}.pth"
-
-    def eval_dir(self, recipe: str, minutes: float, ema: str, sampler: str = "") -> Path:
-        """Where one evaluation lives; ``sampler`` ("SAMPLER:STEPS:GUIDANCE") only for a non-default sampler."""
-        tail = "" if not sampler else "_" + sampler.replace(":", "-")
-        return self.work / "eval" / recipe / f"min{minutes:g}_ema{ema}{tail}"
-
-    def recipe_flags(self, recipe: str) -> list[str]:
-        if self.quick:
-            return QUICK_FLAGS + QUICK_RECIPES[recipe]
-        return BASELINE_FLAGS + RECIPES[recipe].flags
-
-
 def setup_from(args) -> Setup:
     work = Path(args.work_dir)
     data = Path(args.data_dir)
@@ -321,14 +240,6 @@ def checkpoint_for(s: Setup, recipe: str, minutes: float, ema: str) -> Path:
     return out
 
 
-def parse_sampler(spec: str) -> tuple[str, int, float]:
-    try:
-        name, steps, guidance = spec.split(":")
-        return name, int(steps), float(guidance)
-    except ValueError:
-        raise UserError(f"--samplers: {spec!r} is not SAMPLER:STEPS:GUIDANCE (e.g. dpmsolver++:20:1.5)") from None
-
-
 def evaluate_one(s: Setup, recipe: str, minutes: float, ema: str, sampler: str = "") -> dict[str, Any]:
     """Draw, measure and write <eval_dir>/metrics.json + grid.png for one snapshot (see the module docstring)."""
     import numpy as np
@@ -407,18 +318,6 @@ def evaluate_one(s: Setup, recipe: str, minutes: float, ema: str, sampler: str =
     return res
 
 
-def default_sampler() -> dict[str, Any]:
-    from models.diffusion import DEFAULT_STEPS
-    from sampling.generation import DEFAULT_GUIDANCE, DEFAULT_SAMPLER
-    return {"name": DEFAULT_SAMPLER, "steps": DEFAULT_STEPS[DEFAULT_SAMPLER], "guidance": DEFAULT_GUIDANCE}
-
-
-def is_default_sampler(spec: str) -> bool:
-    name, steps, guidance = parse_sampler(spec)
-    d = default_sampler()
-    return (name, steps, guidance) == (d["name"], d["steps"], d["guidance"])
-
-
 def compare_samplers(args, s: Setup, recipe: str, minutes: float, specs: Sequence[str]) -> None:
     """The same snapshot drawn with each sampler variant at the same N (so their KIDs compare)."""
     real_reference(s)
@@ -467,191 +366,6 @@ def evaluate(args, s: Setup, recipes: Sequence[str], budgets: Sequence[float]) -
                 tasks.append((f"evaluate {r} {b:g} min EMA {ema}", argv,
                               s.work / "logs" / f"eval_{r}_min{b:g}_ema{ema}.log"))
     run_tasks(tasks, args.jobs, s.threads)
-
-
-# ---------------------------------------------------------------------------------------------- report
-def recipe_step_flops(s: Setup, recipe: str) -> int:
-    """FLOPs of one training step of a recipe at the benchmark's image size (training.plan.step_flops)."""
-    from common.cli import config_from_flags
-    from training.config import DiffusionTrainConfig
-    from training.plan import step_flops
-    cfg = config_from_flags(DiffusionTrainConfig, ["--config", str(ROOT / PRESET), *s.recipe_flags(recipe),
-                                                   "--img_size", "32" if s.quick else "64"])
-    return step_flops(cfg)
-
-
-def collect(s: Setup, recipes: Sequence[str]) -> dict[str, dict[str, dict[str, Any]]]:
-    out: dict[str, dict[str, dict[str, Any]]] = {}
-    root = s.work / "eval"
-    for r in recipes:
-        for m in sorted((root / r).glob("min*_ema*/metrics.json")) if (root / r).is_dir() else []:
-            rec = json.loads(m.read_text())
-            if m.parent.name.count("_") > 1:   # a sampler variant: reported in the samplers table
-                continue
-            out.setdefault(r, {})[f"{rec['minutes']:g}/{rec['ema']}"] = rec
-    return out
-
-
-def power_fit(points: Sequence[tuple[float, float]]) -> dict[str, float] | None:
-    """log KID = a + b log FLOPs by least squares over the points (FLOPs, KID)."""
-    import numpy as np
-    pts = [(f, k) for f, k in points if f > 0 and k > 0]
-    if len(pts) < 2:
-        return None
-    x = np.log10([p[0] for p in pts])
-    y = np.log10([p[1] for p in pts])
-    b, a = np.polyfit(x, y, 1)
-    resid = y - (a + b * x)
-    return {"log10_kid_intercept": float(a), "slope": float(b),
-            "rms_residual_log10": float(np.sqrt(np.mean(resid ** 2))), "n_points": len(pts)}
-
-
-def report(args, s: Setup, recipes: Sequence[str]) -> dict[str, Any]:
-    results = collect(s, recipes)
-    if not results:
-        raise UserError(f"{s.work / 'eval'}: nothing evaluated yet for {', '.join(recipes)}; run the evaluate phase")
-    img_size = 32 if s.quick else 64
-    flops = {r: recipe_step_flops(s, r) for r in results}
-    primary = EMA_VARIANTS[0]
-    table = {}
-    for r, recs in results.items():
-        by_budget = {}
-        for rec in recs.values():
-            entry = {k: rec[k] for k in ("kid", "kid_std", "kid_floor", "kid_floor_std", "fid", "fid_floor",
-                                         "morphology_w1", "morphology_w1_floor", "nearest_train_ssim",
-                                         "nearest_train_ssim_floor", "steps", "train_cpu_s", "n", "per_class")}
-            entry["flops"] = flops[r] * rec["steps"]
-            entry["step_flops"] = flops[r]
-            by_budget.setdefault(f"{rec['minutes']:g}", {})[rec["ema"]] = entry
-        # the recipe's headline: its primary EMA at the largest evaluated budget up to the headline budget
-        cands = [float(m) for m, v in by_budget.items() if primary in v and float(m) <= args.headline_budget]
-        best_m = max(cands) if cands else max(float(m) for m in by_budget)
-        head = dict(by_budget[f"{best_m:g}"].get(primary) or next(iter(by_budget[f"{best_m:g}"].values())))
-        head["budget_minutes"] = best_m
-        table[r] = {**head, "what": (RECIPES[r].what if r in RECIPES else ""), "by_budget": by_budget}
-    any_rec = next(iter(next(iter(results.values())).values()))
-    res: dict[str, Any] = {
-        "created": time.strftime("%F %T"), "command": "python bench/quality.py " + " ".join(sys.argv[1:]),
-        "dataset": str(s.data_dir), "img_size": img_size, "budget_minutes": args.headline_budget,
-        "budget_clock": "CPU minutes of the training steps (one thread each, recipes run side by side)",
-        "n_samples": any_rec["n"], "kid_floor": any_rec["kid_floor"], "kid_floor_std": any_rec["kid_floor_std"],
-        "fid_floor": any_rec["fid_floor"], "sampler": "DPM-Solver++ 20 steps, guidance 1.5 (the default)",
-        "recipes": table,
-    }
-    winner = args.winner
-    if winner and winner in table:
-        def kid_at(r, m):
-            e = table.get(r, {}).get("by_budget", {}).get(f"{m:g}", {}).get(primary)
-            return None if e is None else e["kid"]
-        hb = args.headline_budget
-        kw, kc, kp = kid_at(winner, hb), kid_at("current", hb), kid_at("peer", hb)
-        res["winner"] = winner
-        res["kid_ratio_winner_vs_current"] = None if kw is None or kc is None else kw / kc
-        res["kid_ratio_winner_vs_peer"] = None if kw is None or kp is None else kw / kp
-        pts = sorted((float(m), v[primary]["flops"], v[primary]["kid"])
-                     for m, v in table[winner]["by_budget"].items() if primary in v)
-        fit = power_fit([(f, k) for _, f, k in pts])
-        band = res["kid_floor"] + 2 * res["kid_floor_std"]
-        scaling = {"points": [{"minutes": m, "flops": f, "kid": k} for m, f, k in pts], "fit": fit,
-                   "floor_band_kid": band}
-        if fit and fit["slope"] < 0:
-            need = 10 ** ((math.log10(band) - fit["log10_kid_intercept"]) / fit["slope"])
-            need_001 = 10 ** ((math.log10(0.01) - fit["log10_kid_intercept"]) / fit["slope"])
-            scaling["predicted_flops_to_floor"] = need
-            scaling["predicted_flops_to_kid_0.01"] = need_001
-            # the same extrapolation in this machine's time: training FLOPs per CPU-minute at the largest budget;
-            # a day of the development machine is 2 cores x 1440 minutes
-            per_min = pts[-1][1] / pts[-1][0]
-            scaling["predicted_cpu_minutes_to_kid_0.01"] = need_001 / per_min
-            scaling["predicted_cpu_minutes_to_floor"] = need / per_min
-            scaling["kid_0.01_within_a_2_core_day"] = need_001 / per_min <= 2 * 1440
-            # an extrapolation: the same number of optimiser steps at the larger size, FLOPs per step x pixels
-            # (same network on 4x / 16x the pixels); an H100 at 30% of its dense bf16 peak (989 TFLOP/s)
-            gpu = 0.3 * 989e12
-            scaling["gpu_hours_extrapolated"] = {f"{px}px": need * (px / 64) ** 2 / gpu / 3600
-                                                 for px in (64, 128, 256)}
-            scaling["note"] = ("extrapolation of a power law fitted to the points above; GPU-hours assume the same "
-                               "number of optimiser steps at each size, FLOPs per step growing with the pixel count, "
-                               "and an H100 at 30% of its dense bf16 peak")
-        else:
-            scaling["predicted_flops_to_floor"] = None
-            scaling["note"] = "KID does not fall with compute over these points: no extrapolation"
-        res["scaling"] = scaling
-    samplers = {}
-    for r in recipes:
-        for m in sorted((s.work / "eval" / r).glob("min*_ema*_*/metrics.json")):
-            rec = json.loads(m.read_text())
-            key = f"{rec['sampler']['name']}-{rec['sampler']['steps']} guidance {rec['sampler']['guidance']:g}"
-            group = samplers.setdefault(f"{r} {rec['minutes']:g} min", {})
-            group[key] = {k: rec[k] for k in ("kid", "kid_std", "kid_floor", "fid", "fid_floor", "n", "s_per_sample",
-                                              "morphology_w1")}
-            default = results.get(r, {}).get(f"{rec['minutes']:g}/{primary}")
-            if default and default["n"] == rec["n"]:   # the evaluate phase's draw is the default sampler's entry
-                d = default.get("sampler") or default_sampler()   # older metrics files do not name it
-                group[f"{d['name']}-{d['steps']} guidance {d['guidance']:g} (default)"] = {
-                    **{k: default[k] for k in ("kid", "kid_std", "kid_floor", "fid", "fid_floor", "n", "morphology_w1")},
-                    "s_per_sample": default.get("s_per_sample", default["sampling_seconds"] / default["n"])}
-    if samplers:
-        res["samplers"] = samplers
-        res["samplers_note"] = "every sampler draws the same N from the same snapshot, so KID and FID compare"
-    atomic_write_json(args.output, res)
-    plot(res, Path(args.output).with_name(Path(args.output).stem + "_kid.png"))
-    print(markdown_table(res))
-    print(f"wrote {args.output}")
-    return res
-
-
-def plot(res: dict[str, Any], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, rec in sorted(res["recipes"].items()):
-        pts = sorted((float(m), v["0.999"]["kid"]) for m, v in rec["by_budget"].items() if "0.999" in v)
-        if not pts:
-            continue
-        ax.plot([p[0] for p in pts], [max(p[1], 1e-5) for p in pts], marker="o", label=name,
-                lw=2.5 if name in (res.get("winner"), "current", "peer") else 1.0)
-    floor, std = res["kid_floor"], res.get("kid_floor_std") or 0.0
-    ax.axhspan(max(floor - 2 * std, 1e-5), floor + 2 * std, color="grey", alpha=0.3,
-               label="real vs real floor (mean +- 2 sd)")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("training minutes (CPU, one thread)")
-    ax.set_ylabel(f"KID vs real training images (N={res['n_samples']})")
-    ax.set_title("Time to realism, BUS-BRA 64 px (lower is better)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def markdown_table(res: dict[str, Any]) -> str:
-    lines = ["| recipe | minutes | steps | KID ± std | KID / floor | FID (floor) | morphology W1 (floor) | "
-             "nearest SSIM (floor) |", "|---|---|---|---|---|---|---|---|"]
-    floor = res["kid_floor"]
-    for name, rec in sorted(res["recipes"].items(), key=lambda kv: kv[1]["kid"]):
-        ratio = rec["kid"] / floor if floor and floor > 0 else float("nan")
-        lines.append(f"| {name} | {rec['budget_minutes']:g} | {rec['steps']} | {rec['kid']:.4f} ± {rec['kid_std']:.4f}"
-                     f" | {ratio:.0f}x | {rec['fid']:.1f} ({rec['fid_floor']:.1f}) | {rec['morphology_w1']:.3f} "
-                     f"({rec['morphology_w1_floor']:.3f}) | {rec['nearest_train_ssim']:.3f} "
-                     f"({rec['nearest_train_ssim_floor']:.3f}) |")
-    budgets = sorted({float(m) for rec in res["recipes"].values() for m in rec["by_budget"]})
-    if len(budgets) > 1:   # KID of every recipe at every budget it reached (the preset's EMA)
-        lines += ["", "| recipe | " + " | ".join(f"{m:g} min" for m in budgets) + " |",
-                  "|---|" + "---|" * len(budgets)]
-        for name, rec in sorted(res["recipes"].items()):
-            cells = [rec["by_budget"].get(f"{m:g}", {}).get(EMA_VARIANTS[0]) for m in budgets]
-            lines.append(f"| {name} | " + " | ".join(f"{c['kid']:.4f} ({c['steps']} steps)" if c else ""
-                                                     for c in cells) + " |")
-    for group, by_sampler in res.get("samplers", {}).items():   # the same snapshot, the same N
-        lines += ["", f"| sampler ({group}, N = {next(iter(by_sampler.values()))['n']}) | KID ± std | FID | "
-                      "morphology W1 | s / sample |", "|---|---|---|---|---|"]
-        for key, v in sorted(by_sampler.items(), key=lambda kv: kv[1]["kid"]):
-            lines.append(f"| {key} | {v['kid']:.4f} ± {v['kid_std']:.4f} | {v['fid']:.1f} | {v['morphology_w1']:.3f} "
-                         f"| {v['s_per_sample']:.2f} |")
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------- main

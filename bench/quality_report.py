@@ -1,0 +1,197 @@
+"""bench/quality.py's report phase: collect every evaluation, the headline table at one budget, KID per budget,
+the samplers compared at equal N, the scaling fit and its extrapolation, the plot and the Markdown tables."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from bench.quality_recipes import EMA_VARIANTS, PRESET, RECIPES, ROOT, Setup, default_sampler
+from common.errors import UserError
+from common.io import atomic_write_json
+
+def recipe_step_flops(s: Setup, recipe: str) -> int:
+    """FLOPs of one training step of a recipe at the benchmark's image size (training.plan.step_flops)."""
+    from common.cli import config_from_flags
+    from training.config import DiffusionTrainConfig
+    from training.plan import step_flops
+    cfg = config_from_flags(DiffusionTrainConfig, ["--config", str(ROOT / PRESET), *s.recipe_flags(recipe),
+                                                   "--img_size", "32" if s.quick else "64"])
+    return step_flops(cfg)
+
+
+def collect(s: Setup, recipes: Sequence[str]) -> dict[str, dict[str, dict[str, Any]]]:
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    root = s.work / "eval"
+    for r in recipes:
+        for m in sorted((root / r).glob("min*_ema*/metrics.json")) if (root / r).is_dir() else []:
+            rec = json.loads(m.read_text())
+            if m.parent.name.count("_") > 1:   # a sampler variant: reported in the samplers table
+                continue
+            out.setdefault(r, {})[f"{rec['minutes']:g}/{rec['ema']}"] = rec
+    return out
+
+
+def power_fit(points: Sequence[tuple[float, float]]) -> dict[str, float] | None:
+    """log KID = a + b log FLOPs by least squares over the points (FLOPs, KID)."""
+    import numpy as np
+    pts = [(f, k) for f, k in points if f > 0 and k > 0]
+    if len(pts) < 2:
+        return None
+    x = np.log10([p[0] for p in pts])
+    y = np.log10([p[1] for p in pts])
+    b, a = np.polyfit(x, y, 1)
+    resid = y - (a + b * x)
+    return {"log10_kid_intercept": float(a), "slope": float(b),
+            "rms_residual_log10": float(np.sqrt(np.mean(resid ** 2))), "n_points": len(pts)}
+
+
+def report(args, s: Setup, recipes: Sequence[str]) -> dict[str, Any]:
+    results = collect(s, recipes)
+    if not results:
+        raise UserError(f"{s.work / 'eval'}: nothing evaluated yet for {', '.join(recipes)}; run the evaluate phase")
+    img_size = 32 if s.quick else 64
+    flops = {r: recipe_step_flops(s, r) for r in results}
+    primary = EMA_VARIANTS[0]
+    table = {}
+    for r, recs in results.items():
+        by_budget = {}
+        for rec in recs.values():
+            entry = {k: rec[k] for k in ("kid", "kid_std", "kid_floor", "kid_floor_std", "fid", "fid_floor",
+                                         "morphology_w1", "morphology_w1_floor", "nearest_train_ssim",
+                                         "nearest_train_ssim_floor", "steps", "train_cpu_s", "n", "per_class")}
+            entry["flops"] = flops[r] * rec["steps"]
+            entry["step_flops"] = flops[r]
+            by_budget.setdefault(f"{rec['minutes']:g}", {})[rec["ema"]] = entry
+        # the recipe's headline: its primary EMA at the largest evaluated budget up to the headline budget
+        cands = [float(m) for m, v in by_budget.items() if primary in v and float(m) <= args.headline_budget]
+        best_m = max(cands) if cands else max(float(m) for m in by_budget)
+        head = dict(by_budget[f"{best_m:g}"].get(primary) or next(iter(by_budget[f"{best_m:g}"].values())))
+        head["budget_minutes"] = best_m
+        table[r] = {**head, "what": (RECIPES[r].what if r in RECIPES else ""), "by_budget": by_budget}
+    any_rec = next(iter(next(iter(results.values())).values()))
+    res: dict[str, Any] = {
+        "created": time.strftime("%F %T"), "command": "python bench/quality.py " + " ".join(sys.argv[1:]),
+        "dataset": str(s.data_dir), "img_size": img_size, "budget_minutes": args.headline_budget,
+        "budget_clock": "CPU minutes of the training steps (one thread each, recipes run side by side)",
+        "n_samples": any_rec["n"], "kid_floor": any_rec["kid_floor"], "kid_floor_std": any_rec["kid_floor_std"],
+        "fid_floor": any_rec["fid_floor"], "sampler": "DPM-Solver++ 20 steps, guidance 1.5 (the default)",
+        "recipes": table,
+    }
+    winner = args.winner
+    if winner and winner in table:
+        def kid_at(r, m):
+            e = table.get(r, {}).get("by_budget", {}).get(f"{m:g}", {}).get(primary)
+            return None if e is None else e["kid"]
+        hb = args.headline_budget
+        kw, kc, kp = kid_at(winner, hb), kid_at("current", hb), kid_at("peer", hb)
+        res["winner"] = winner
+        res["kid_ratio_winner_vs_current"] = None if kw is None or kc is None else kw / kc
+        res["kid_ratio_winner_vs_peer"] = None if kw is None or kp is None else kw / kp
+        pts = sorted((float(m), v[primary]["flops"], v[primary]["kid"])
+                     for m, v in table[winner]["by_budget"].items() if primary in v)
+        fit = power_fit([(f, k) for _, f, k in pts])
+        band = res["kid_floor"] + 2 * res["kid_floor_std"]
+        scaling = {"points": [{"minutes": m, "flops": f, "kid": k} for m, f, k in pts], "fit": fit,
+                   "floor_band_kid": band}
+        if fit and fit["slope"] < 0:
+            need = 10 ** ((math.log10(band) - fit["log10_kid_intercept"]) / fit["slope"])
+            need_001 = 10 ** ((math.log10(0.01) - fit["log10_kid_intercept"]) / fit["slope"])
+            scaling["predicted_flops_to_floor"] = need
+            scaling["predicted_flops_to_kid_0.01"] = need_001
+            # the same extrapolation in this machine's time: training FLOPs per CPU-minute at the largest budget;
+            # a day of the development machine is 2 cores x 1440 minutes
+            per_min = pts[-1][1] / pts[-1][0]
+            scaling["predicted_cpu_minutes_to_kid_0.01"] = need_001 / per_min
+            scaling["predicted_cpu_minutes_to_floor"] = need / per_min
+            scaling["kid_0.01_within_a_2_core_day"] = need_001 / per_min <= 2 * 1440
+            # an extrapolation: the same number of optimiser steps at the larger size, FLOPs per step x pixels
+            # (same network on 4x / 16x the pixels); an H100 at 30% of its dense bf16 peak (989 TFLOP/s)
+            gpu = 0.3 * 989e12
+            scaling["gpu_hours_extrapolated"] = {f"{px}px": need * (px / 64) ** 2 / gpu / 3600
+                                                 for px in (64, 128, 256)}
+            scaling["note"] = ("extrapolation of a power law fitted to the points above; GPU-hours assume the same "
+                               "number of optimiser steps at each size, FLOPs per step growing with the pixel count, "
+                               "and an H100 at 30% of its dense bf16 peak")
+        else:
+            scaling["predicted_flops_to_floor"] = None
+            scaling["note"] = "KID does not fall with compute over these points: no extrapolation"
+        res["scaling"] = scaling
+    samplers = {}
+    for r in recipes:
+        for m in sorted((s.work / "eval" / r).glob("min*_ema*_*/metrics.json")):
+            rec = json.loads(m.read_text())
+            key = f"{rec['sampler']['name']}-{rec['sampler']['steps']} guidance {rec['sampler']['guidance']:g}"
+            group = samplers.setdefault(f"{r} {rec['minutes']:g} min", {})
+            group[key] = {k: rec[k] for k in ("kid", "kid_std", "kid_floor", "fid", "fid_floor", "n", "s_per_sample",
+                                              "morphology_w1")}
+            default = results.get(r, {}).get(f"{rec['minutes']:g}/{primary}")
+            if default and default["n"] == rec["n"]:   # the evaluate phase's draw is the default sampler's entry
+                d = default.get("sampler") or default_sampler()   # older metrics files do not name it
+                group[f"{d['name']}-{d['steps']} guidance {d['guidance']:g} (default)"] = {
+                    **{k: default[k] for k in ("kid", "kid_std", "kid_floor", "fid", "fid_floor", "n", "morphology_w1")},
+                    "s_per_sample": default.get("s_per_sample", default["sampling_seconds"] / default["n"])}
+    if samplers:
+        res["samplers"] = samplers
+        res["samplers_note"] = "every sampler draws the same N from the same snapshot, so KID and FID compare"
+    atomic_write_json(args.output, res)
+    plot(res, Path(args.output).with_name(Path(args.output).stem + "_kid.png"))
+    print(markdown_table(res))
+    print(f"wrote {args.output}")
+    return res
+
+
+def plot(res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, rec in sorted(res["recipes"].items()):
+        pts = sorted((float(m), v["0.999"]["kid"]) for m, v in rec["by_budget"].items() if "0.999" in v)
+        if not pts:
+            continue
+        ax.plot([p[0] for p in pts], [max(p[1], 1e-5) for p in pts], marker="o", label=name,
+                lw=2.5 if name in (res.get("winner"), "current", "peer") else 1.0)
+    floor, std = res["kid_floor"], res.get("kid_floor_std") or 0.0
+    ax.axhspan(max(floor - 2 * std, 1e-5), floor + 2 * std, color="grey", alpha=0.3,
+               label="real vs real floor (mean +- 2 sd)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training minutes (CPU, one thread)")
+    ax.set_ylabel(f"KID vs real training images (N={res['n_samples']})")
+    ax.set_title("Time to realism, BUS-BRA 64 px (lower is better)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown_table(res: dict[str, Any]) -> str:
+    lines = ["| recipe | minutes | steps | KID ± std | KID / floor | FID (floor) | morphology W1 (floor) | "
+             "nearest SSIM (floor) |", "|---|---|---|---|---|---|---|---|"]
+    floor = res["kid_floor"]
+    for name, rec in sorted(res["recipes"].items(), key=lambda kv: kv[1]["kid"]):
+        ratio = rec["kid"] / floor if floor and floor > 0 else float("nan")
+        lines.append(f"| {name} | {rec['budget_minutes']:g} | {rec['steps']} | {rec['kid']:.4f} ± {rec['kid_std']:.4f}"
+                     f" | {ratio:.0f}x | {rec['fid']:.1f} ({rec['fid_floor']:.1f}) | {rec['morphology_w1']:.3f} "
+                     f"({rec['morphology_w1_floor']:.3f}) | {rec['nearest_train_ssim']:.3f} "
+                     f"({rec['nearest_train_ssim_floor']:.3f}) |")
+    budgets = sorted({float(m) for rec in res["recipes"].values() for m in rec["by_budget"]})
+    if len(budgets) > 1:   # KID of every recipe at every budget it reached (the preset's EMA)
+        lines += ["", "| recipe | " + " | ".join(f"{m:g} min" for m in budgets) + " |",
+                  "|---|" + "---|" * len(budgets)]
+        for name, rec in sorted(res["recipes"].items()):
+            cells = [rec["by_budget"].get(f"{m:g}", {}).get(EMA_VARIANTS[0]) for m in budgets]
+            lines.append(f"| {name} | " + " | ".join(f"{c['kid']:.4f} ({c['steps']} steps)" if c else ""
+                                                     for c in cells) + " |")
+    for group, by_sampler in res.get("samplers", {}).items():   # the same snapshot, the same N
+        lines += ["", f"| sampler ({group}, N = {next(iter(by_sampler.values()))['n']}) | KID ± std | FID | "
+                      "morphology W1 | s / sample |", "|---|---|---|---|---|"]
+        for key, v in sorted(by_sampler.items(), key=lambda kv: kv[1]["kid"]):
+            lines.append(f"| {key} | {v['kid']:.4f} ± {v['kid_std']:.4f} | {v['fid']:.1f} | {v['morphology_w1']:.3f} "
+                         f"| {v['s_per_sample']:.2f} |")
+    return "\n".join(lines)
