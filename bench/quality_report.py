@@ -112,7 +112,9 @@ def report(args, s: Setup, recipes: Sequence[str]) -> dict[str, Any]:
             # (same network on 4x / 16x the pixels); an H100 at 30% of its dense bf16 peak (989 TFLOP/s)
             gpu = 0.3 * 989e12
             scaling["gpu_hours_extrapolated"] = {f"{px}px": need * (px / 64) ** 2 / gpu / 3600
-                                                 for px in (64, 128, 256)}
+                                                 for px in (64, 128, 256)}   # to the floor band
+            scaling["gpu_hours_extrapolated_to_kid_0.01"] = {f"{px}px": need_001 * (px / 64) ** 2 / gpu / 3600
+                                                             for px in (64, 128, 256)}
             scaling["note"] = ("extrapolation of a power law fitted to the points above; GPU-hours assume the same "
                                "number of optimiser steps at each size, FLOPs per step growing with the pixel count, "
                                "and an H100 at 30% of its dense bf16 peak")
