@@ -215,9 +215,10 @@ def same_as_primary(ckpt: dict[str, Any], ema: str) -> str | None:
     extra = ckpt["extra_emas"][ema]
     if any(not torch.equal(extra[k], v) for k, v in ckpt["ema"].items()):
         return None
+    from training.ema import warmup_cap
     n = int(ckpt.get("step", 0))
     return (f"EMA {ema} equals EMA {EMA_VARIANTS[0]} at step {n}: the warm-up cap (1+n)/(10+n) = "
-            f"{(1 + n) / (10 + n):.5f} is below both decays, so both are that cap")
+            f"{warmup_cap(n):.5f} is below both decays, so both are that cap")
 
 
 def checkpoint_for(s: Setup, recipe: str, minutes: float, ema: str) -> Path:
@@ -229,9 +230,7 @@ def checkpoint_for(s: Setup, recipe: str, minutes: float, ema: str) -> Path:
     out = s.eval_dir(recipe, minutes, ema) / "checkpoint.pth"
     if not out.is_file():
         ckpt = load_checkpoint(snap, expect_kind="diffusion")
-        if ema not in ckpt.get("extra_emas", {}):
-            raise UserError(f"{snap}: no EMA of decay {ema} in this snapshot (trained with other extra_ema_decays)")
-        why = same_as_primary(ckpt, ema)
+        why = extra_ema_skip(snap, ema, ckpt)
         if why:
             raise UserError(f"{snap}: {why}; nothing to evaluate")
         ckpt["ema"] = ckpt.pop("extra_emas")[ema]
@@ -337,26 +336,33 @@ def compare_samplers(args, s: Setup, recipe: str, minutes: float, specs: Sequenc
     run_tasks(tasks, args.jobs, s.threads)
 
 
-def extra_ema_skip(snap: Path, ema: str) -> str | None:
-    """A reason not to evaluate EMA `ema` of a snapshot: absent, or identical to the preset's EMA."""
+def extra_ema_skip(snap: Path, ema: str, ckpt: dict[str, Any] | None = None) -> str | None:
+    """A reason not to evaluate EMA `ema` of a snapshot (``ckpt``: the snapshot, if already loaded): absent, or
+    identical to the preset's EMA."""
     from common.checkpoint import load_checkpoint
-    ckpt = load_checkpoint(snap, expect_kind="diffusion")
+    ckpt = ckpt if ckpt is not None else load_checkpoint(snap, expect_kind="diffusion")
     if ema not in ckpt.get("extra_emas", {}):
-        return f"not in the snapshot (trained with extra EMA decays {', '.join(ckpt.get('extra_emas', {})) or 'none'})"
+        return (f"EMA {ema} not in the snapshot (trained with extra EMA decays "
+                f"{', '.join(ckpt.get('extra_emas', {})) or 'none'})")
     return same_as_primary(ckpt, ema)
 
 
 def evaluate(args, s: Setup, recipes: Sequence[str], budgets: Sequence[float]) -> None:
+    from common.checkpoint import load_checkpoint
     real_reference(s)   # the real features once, before the workers start
     emas = EMA_VARIANTS if args.ema_variants else EMA_VARIANTS[:1]
     tasks = []
+    loaded: dict[Path, dict[str, Any]] = {}
     for r in recipes:
         for b in budgets:
             for ema in emas:
                 if not s.snapshot(r, b).is_file() or (s.eval_dir(r, b, ema) / "metrics.json").is_file():
                     continue
                 if ema != EMA_VARIANTS[0]:
-                    why = extra_ema_skip(s.snapshot(r, b), ema)
+                    snap = s.snapshot(r, b)
+                    if snap not in loaded:   # one read per snapshot, whatever the number of extra EMAs
+                        loaded = {snap: load_checkpoint(snap, expect_kind="diffusion")}
+                    why = extra_ema_skip(snap, ema, loaded[snap])
                     if why:
                         print(f"skip {r} {b:g} min EMA {ema}: {why}", flush=True)
                         continue

@@ -54,7 +54,7 @@ RECIPES: dict[str, Recipe] = {
     "selfcond": Recipe("self-conditioning (Analog Bits)", ["--self_condition"]),
     "mask_scaled": Recipe("mask channel as scaled analog bits (+-0.5)", ["--mask_scale", "0.5"]),
     "mask_sdf": Recipe("mask channel as a signed distance map (saturating at 8 px)", ["--mask_encoding", "sdf"]),
-    "lr1e-3": Recipe("learning rate 1e-3 (baseline 5e-4): led at 15-30 min, stalled by 60", ["--lr", "1e-3"]),
+    "lr1e-3": Recipe("learning rate 1e-3 (baseline 5e-4): led at 15-30 min, behind from 60", ["--lr", "1e-3"]),
     "lr1e-3_sdf": Recipe("lr 1e-3 with the signed-distance mask (the 30-minute "
                          "leaders on KID and on lesion shape together)", ["--lr", "1e-3", "--mask_encoding", "sdf"]),
     "lr2e-4": Recipe("learning rate 2e-4 (baseline 5e-4)", ["--lr", "2e-4"]),

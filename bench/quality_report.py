@@ -13,6 +13,11 @@ from bench.quality_recipes import EMA_VARIANTS, PRESET, RECIPES, ROOT, Setup, de
 from common.errors import UserError
 from common.io import atomic_write_json
 
+
+def sampler_label(sampler: dict[str, Any]) -> str:
+    return f"{sampler['name']}-{sampler['steps']} guidance {sampler['guidance']:g}"
+
+
 def recipe_step_flops(s: Setup, recipe: str) -> int:
     """FLOPs of one training step of a recipe at the benchmark's image size (training.plan.step_flops)."""
     from common.cli import config_from_flags
@@ -126,14 +131,13 @@ def report(args, s: Setup, recipes: Sequence[str]) -> dict[str, Any]:
     for r in recipes:
         for m in sorted((s.work / "eval" / r).glob("min*_ema*_*/metrics.json")):
             rec = json.loads(m.read_text())
-            key = f"{rec['sampler']['name']}-{rec['sampler']['steps']} guidance {rec['sampler']['guidance']:g}"
             group = samplers.setdefault(f"{r} {rec['minutes']:g} min", {})
-            group[key] = {k: rec[k] for k in ("kid", "kid_std", "kid_floor", "fid", "fid_floor", "n", "s_per_sample",
+            group[sampler_label(rec["sampler"])] = {k: rec[k] for k in ("kid", "kid_std", "kid_floor", "fid", "fid_floor", "n", "s_per_sample",
                                               "morphology_w1")}
             default = results.get(r, {}).get(f"{rec['minutes']:g}/{primary}")
             if default and default["n"] == rec["n"]:   # the evaluate phase's draw is the default sampler's entry
                 d = default.get("sampler") or default_sampler()   # older metrics files do not name it
-                group[f"{d['name']}-{d['steps']} guidance {d['guidance']:g} (default)"] = {
+                group[f"{sampler_label(d)} (default)"] = {
                     **{k: default[k] for k in ("kid", "kid_std", "kid_floor", "fid", "fid_floor", "n", "morphology_w1")},
                     "s_per_sample": default.get("s_per_sample", default["sampling_seconds"] / default["n"])}
     if samplers:
@@ -152,7 +156,8 @@ def plot(res: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, rec in sorted(res["recipes"].items()):
-        pts = sorted((float(m), v["0.999"]["kid"]) for m, v in rec["by_budget"].items() if "0.999" in v)
+        pts = sorted((float(m), v[EMA_VARIANTS[0]]["kid"]) for m, v in rec["by_budget"].items()
+                     if EMA_VARIANTS[0] in v)
         if not pts:
             continue
         ax.plot([p[0] for p in pts], [max(p[1], 1e-5) for p in pts], marker="o", label=name,

@@ -25,6 +25,7 @@ from common.outputs import MARKER, OutputLock
 from data.pairs import PairDatasetWriter, open_pair_dataset, write_png
 
 from refusals import cli, one_line_refusal
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEG = ["--model", "unet", "--base_width", "4", "--depth", "2", "--norm", "group", "--batch_size", "4",
        "--epochs", "1", "--warmup_steps", "0", "--device", "cpu", "--precision", "fp32"]

@@ -15,6 +15,7 @@ from common.outputs import OutputLock
 from data.pairs import PairDatasetWriter
 
 from refusals import cli, one_line_refusal
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model_channels", "8", "--channel_mult", "1,2", "--num_res_blocks", "1", "--transformer_depth", "1",
         "--num_heads", "2", "--batch_size", "4", "--log_every", "2", "--save_every", "2", "--sample_every", "0",

@@ -208,11 +208,7 @@ class DiffusionTrainer(Harness):
                                   "n_train": len(self.train), "image_hashes": self.train_hashes}}
 
     def snapshot_payload(self) -> dict[str, Any]:
-        # the decay each EMA applied at its last update: below the nominal one while the warm-up cap binds
-        effective = {f"{self.ema.decay:g}": self.ema.current_decay(),
-                     **{k: e.current_decay() for k, e in self.extra_emas.items()}}
-        return {**self.best_payload(), "extra_emas": {k: e.state_dict()["module"] for k, e in self.extra_emas.items()},
-                "ema_effective_decay": effective}
+        return {**self.best_payload(), "extra_emas": {k: e.state_dict()["module"] for k, e in self.extra_emas.items()}}
 
     def state_extra(self) -> dict[str, Any]:
         return {**self.best_payload(), "ema_state": self.ema.state_dict(),

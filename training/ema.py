@@ -25,8 +25,7 @@ class EMA:
     def current_decay(self) -> float:
         if not self.warmup:
             return self.decay
-        n = self.num_updates
-        return min(self.decay, (1.0 + n) / (10.0 + n))
+        return min(self.decay, warmup_cap(self.num_updates))
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
@@ -49,6 +48,11 @@ class EMA:
         self.warmup = bool(state["warmup"])
 
 
+def warmup_cap(n: int) -> float:
+    """The highest decay the warm-up allows after n updates."""
+    return (1.0 + n) / (10.0 + n)
+
+
 def steps_until_decay(decay: float) -> int:
     """The update count from which the warm-up cap (1 + n) / (10 + n) no longer lowers `decay`."""
     return max(0, math.ceil(round(9.0 / (1.0 - decay) - 10.0, 6))) if decay < 1.0 else 0   # round: 0.9999 is not exact
@@ -60,6 +64,6 @@ def warmup_note(decay: float, total_steps: int) -> str:
     need = steps_until_decay(decay)
     if total_steps >= need:
         return ""
-    final = (1.0 + total_steps) / (10.0 + total_steps)
+    final = warmup_cap(total_steps)
     return (f"EMA decay {decay:g} takes effect after {need} updates, beyond this run's {total_steps} steps: the "
             f"warm-up cap (1+n)/(10+n) sets the decay throughout ({final:.5f} at the last step)")
