@@ -127,6 +127,9 @@ def report(args, s: Setup, recipes: Sequence[str]) -> dict[str, Any]:
             scaling["predicted_flops_to_floor"] = None
             scaling["note"] = "KID does not fall with compute over these points: no extrapolation"
         res["scaling"] = scaling
+    spread = seed_spread(table)
+    if spread:
+        res["seed_spread"] = spread
     samplers = {}
     for r in recipes:
         for m in sorted((s.work / "eval" / r).glob("min*_ema*_*/metrics.json")):
@@ -148,6 +151,32 @@ def report(args, s: Setup, recipes: Sequence[str]) -> dict[str, Any]:
     print(markdown_table(res))
     print(f"wrote {args.output}")
     return res
+
+
+SEED_TWINS = {"current_seed1": "current"}   # a recipe trained again at another seed -> the recipe it repeats
+
+
+def seed_spread(table: dict[str, Any]) -> dict[str, Any]:
+    """How far KID moves when only the training seed changes, per budget where both seeds were evaluated.
+
+    With two seeds the spread |a - b| estimates the seed-to-seed standard deviation as |a - b| / sqrt(2) (one degree
+    of freedom: a rough yardstick, not an interval). A difference between two recipes that is not clearly larger than
+    the spread is not evidence that one recipe is better."""
+    out = {}
+    primary = EMA_VARIANTS[0]
+    for twin, base in SEED_TWINS.items():
+        if twin not in table or base not in table:
+            continue
+        for m, v in sorted(table[twin]["by_budget"].items(), key=lambda kv: float(kv[0])):
+            a = table[base]["by_budget"].get(m, {}).get(primary)
+            b = v.get(primary)
+            if a is None or b is None:
+                continue
+            out.setdefault(base, {})[m] = {
+                "kid": [a["kid"], b["kid"]], "abs_difference": abs(a["kid"] - b["kid"]),
+                "seed_sd_estimate": abs(a["kid"] - b["kid"]) / math.sqrt(2),
+                "kid_subset_std": [a["kid_std"], b["kid_std"]], "steps": [a["steps"], b["steps"]]}
+    return out
 
 
 def plot(res: dict[str, Any], path: Path) -> None:
@@ -195,6 +224,19 @@ def markdown_table(res: dict[str, Any]) -> str:
             cells = [rec["by_budget"].get(f"{m:g}", {}).get(EMA_VARIANTS[0]) for m in budgets]
             lines.append(f"| {name} | " + " | ".join(f"{c['kid']:.4f} ({c['steps']} steps)" if c else ""
                                                      for c in cells) + " |")
+    extra = [(name, m, v) for name, rec in sorted(res["recipes"].items())
+             for m, v in sorted(rec["by_budget"].items(), key=lambda kv: float(kv[0])) if len(v) > 1]
+    if extra:   # the EMA lengths evaluated on the same snapshot
+        lines += ["", "| recipe, budget | " + " | ".join(f"EMA {e}" for e in EMA_VARIANTS) + " |",
+                  "|---|" + "---|" * len(EMA_VARIANTS)]
+        for name, m, v in extra:
+            lines.append(f"| {name}, {m} min | " + " | ".join(
+                f"{v[e]['kid']:.4f} ± {v[e]['kid_std']:.4f}" if e in v else "" for e in EMA_VARIANTS) + " |")
+    for base, by_budget in res.get("seed_spread", {}).items():
+        for m, v in by_budget.items():
+            lines.append(f"\nSeed spread ({base}, {m} min): KID {v['kid'][0]:.4f} (seed 0) vs {v['kid'][1]:.4f} "
+                         f"(seed 1), |difference| {v['abs_difference']:.4f}, against a KID subset std of "
+                         f"~{max(v['kid_subset_std']):.4f}.")
     for group, by_sampler in res.get("samplers", {}).items():   # the same snapshot, the same N
         lines += ["", f"| sampler ({group}, N = {next(iter(by_sampler.values()))['n']}) | KID ± std | FID | "
                       "morphology W1 | s / sample |", "|---|---|---|---|---|"]

@@ -81,23 +81,25 @@ def test_an_extra_ema_equal_to_the_preset_ema_is_not_a_second_result(tmp_path):
     assert quality.extra_ema_skip(snap, "0.99") is None
 
 
+def metrics(path, minutes, kid, n, steps, sampler=None, ema="0.999"):
+    """One evaluation's metrics.json as the evaluate phase writes it."""
+    path.mkdir(parents=True)
+    rec = {"minutes": minutes, "ema": ema, "kid": kid, "kid_std": 0.002, "kid_floor": 0.0003,
+           "kid_floor_std": 0.0005, "fid": 90.0, "fid_floor": 28.5, "morphology_w1": 0.5,
+           "morphology_w1_floor": 0.09, "nearest_train_ssim": 0.3, "nearest_train_ssim_floor": 0.3,
+           "steps": steps, "train_cpu_s": 60.0 * minutes, "n": n, "per_class": {}, "sampling_seconds": 0.5 * n,
+           "s_per_sample": 0.5}
+    if sampler:
+        rec["sampler"] = sampler
+    (path / "metrics.json").write_text(json.dumps(rec))
+
+
 def test_report_puts_the_default_draw_beside_the_sampler_variants_and_extrapolates_in_cpu_minutes(tmp_path, capsys):
     """The samplers table compares draws at the same N only, takes the evaluate phase's draw as the default sampler's
     row (not drawn twice), and the scaling block states its extrapolation in FLOPs and in this machine's minutes."""
     import argparse
     sys.path.insert(0, str(ROOT))
     from bench import quality
-
-    def metrics(path, minutes, kid, n, steps, sampler=None):
-        path.mkdir(parents=True)
-        rec = {"minutes": minutes, "ema": "0.999", "kid": kid, "kid_std": 0.002, "kid_floor": 0.0003,
-               "kid_floor_std": 0.0005, "fid": 90.0, "fid_floor": 28.5, "morphology_w1": 0.5,
-               "morphology_w1_floor": 0.09, "nearest_train_ssim": 0.3, "nearest_train_ssim_floor": 0.3,
-               "steps": steps, "train_cpu_s": 60.0 * minutes, "n": n, "per_class": {}, "sampling_seconds": 0.5 * n,
-               "s_per_sample": 0.5}
-        if sampler:
-            rec["sampler"] = sampler
-        (path / "metrics.json").write_text(json.dumps(rec))
 
     work = tmp_path / "w"
     ev = work / "eval" / "current"
@@ -120,3 +122,26 @@ def test_report_puts_the_default_draw_beside_the_sampler_variants_and_extrapolat
     out = capsys.readouterr().out
     assert "| sampler (current 60 min, N = 500)" in out and "| current | 0.0960 (1000 steps)" in out
     assert quality.is_default_sampler("dpmsolver++:20:1.5") and not quality.is_default_sampler("dpmsolver++:50:1.5")
+
+
+def test_report_states_the_seed_spread_and_the_ema_lengths(tmp_path, capsys):
+    """The baseline trained at a second seed gives the yardstick |KID seed 0 - KID seed 1| per budget; extra EMA
+    lengths evaluated on one snapshot are tabulated side by side; budgets where one seed is missing are left out."""
+    import argparse
+    sys.path.insert(0, str(ROOT))
+    from bench import quality
+
+    work = tmp_path / "w"
+    metrics(work / "eval" / "current" / "min30_ema0.999", 30, 0.0913, 500, 2200)
+    metrics(work / "eval" / "current" / "min15_ema0.999", 15, 0.0966, 500, 1100)
+    metrics(work / "eval" / "current_seed1" / "min30_ema0.999", 30, 0.0950, 500, 2180)
+    metrics(work / "eval" / "current_seed1" / "min30_ema0.99", 30, 0.0990, 500, 2180, ema="0.99")
+    args = argparse.Namespace(headline_budget=30.0, winner="", output=str(tmp_path / "q.json"))
+    res = quality.report(args, quality.Setup(tmp_path / "data", work, 500, False, 1), ["current", "current_seed1"])
+    spread = res["seed_spread"]["current"]
+    assert list(spread) == ["30"]                      # 15 min: no second seed there
+    assert abs(spread["30"]["abs_difference"] - 0.0037) < 1e-9 and spread["30"]["steps"] == [2200, 2180]
+    assert abs(spread["30"]["seed_sd_estimate"] - 0.0037 / 2 ** 0.5) < 1e-9
+    out = capsys.readouterr().out
+    assert "| current_seed1, 30 min | 0.0950 ± 0.0020 | 0.0990 ± 0.0020 |  |" in out
+    assert "|difference| 0.0037" in out
