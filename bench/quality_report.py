@@ -60,23 +60,7 @@ def report(args, s: Setup, recipes: Sequence[str]) -> dict[str, Any]:
         raise UserError(f"{s.work / 'eval'}: nothing evaluated yet for {', '.join(recipes)}; run the evaluate phase")
     img_size = 32 if s.quick else 64
     flops = {r: recipe_step_flops(s, r) for r in results}
-    primary = EMA_VARIANTS[0]
-    table = {}
-    for r, recs in results.items():
-        by_budget = {}
-        for rec in recs.values():
-            entry = {k: rec[k] for k in ("kid", "kid_std", "kid_floor", "kid_floor_std", "fid", "fid_floor",
-                                         "morphology_w1", "morphology_w1_floor", "nearest_train_ssim",
-                                         "nearest_train_ssim_floor", "steps", "train_cpu_s", "n", "per_class")}
-            entry["flops"] = flops[r] * rec["steps"]
-            entry["step_flops"] = flops[r]
-            by_budget.setdefault(f"{rec['minutes']:g}", {})[rec["ema"]] = entry
-        # the recipe's headline: its primary EMA at the largest evaluated budget up to the headline budget
-        cands = [float(m) for m, v in by_budget.items() if primary in v and float(m) <= args.headline_budget]
-        best_m = max(cands) if cands else max(float(m) for m in by_budget)
-        head = dict(by_budget[f"{best_m:g}"].get(primary) or next(iter(by_budget[f"{best_m:g}"].values())))
-        head["budget_minutes"] = best_m
-        table[r] = {**head, "what": (RECIPES[r].what if r in RECIPES else ""), "by_budget": by_budget}
+    table = recipe_table(results, flops, args.headline_budget)
     any_rec = next(iter(next(iter(results.values())).values()))
     res: dict[str, Any] = {
         "created": time.strftime("%F %T"), "command": "python bench/quality.py " + " ".join(sys.argv[1:]),
@@ -88,61 +72,11 @@ def report(args, s: Setup, recipes: Sequence[str]) -> dict[str, Any]:
     }
     winner = args.winner
     if winner and winner in table:
-        def kid_at(r, m):
-            e = table.get(r, {}).get("by_budget", {}).get(f"{m:g}", {}).get(primary)
-            return None if e is None else e["kid"]
-        hb = args.headline_budget
-        kw, kc, kp = kid_at(winner, hb), kid_at("current", hb), kid_at("peer", hb)
-        res["winner"] = winner
-        res["kid_ratio_winner_vs_current"] = None if kw is None or kc is None else kw / kc
-        res["kid_ratio_winner_vs_peer"] = None if kw is None or kp is None else kw / kp
-        pts = sorted((float(m), v[primary]["flops"], v[primary]["kid"])
-                     for m, v in table[winner]["by_budget"].items() if primary in v)
-        fit = power_fit([(f, k) for _, f, k in pts])
-        band = res["kid_floor"] + 2 * res["kid_floor_std"]
-        scaling = {"points": [{"minutes": m, "flops": f, "kid": k} for m, f, k in pts], "fit": fit,
-                   "floor_band_kid": band}
-        if fit and fit["slope"] < 0:
-            need = 10 ** ((math.log10(band) - fit["log10_kid_intercept"]) / fit["slope"])
-            need_001 = 10 ** ((math.log10(0.01) - fit["log10_kid_intercept"]) / fit["slope"])
-            scaling["predicted_flops_to_floor"] = need
-            scaling["predicted_flops_to_kid_0.01"] = need_001
-            # the same extrapolation in this machine's time: training FLOPs per CPU-minute at the largest budget;
-            # a day of the development machine is 2 cores x 1440 minutes
-            per_min = pts[-1][1] / pts[-1][0]
-            scaling["predicted_cpu_minutes_to_kid_0.01"] = need_001 / per_min
-            scaling["predicted_cpu_minutes_to_floor"] = need / per_min
-            scaling["kid_0.01_within_a_2_core_day"] = need_001 / per_min <= 2 * 1440
-            # an extrapolation: the same number of optimiser steps at the larger size, FLOPs per step x pixels
-            # (same network on 4x / 16x the pixels); an H100 at 30% of its dense bf16 peak (989 TFLOP/s)
-            gpu = 0.3 * 989e12
-            scaling["gpu_hours_extrapolated"] = {f"{px}px": need * (px / 64) ** 2 / gpu / 3600
-                                                 for px in (64, 128, 256)}   # to the floor band
-            scaling["gpu_hours_extrapolated_to_kid_0.01"] = {f"{px}px": need_001 * (px / 64) ** 2 / gpu / 3600
-                                                             for px in (64, 128, 256)}
-            scaling["note"] = ("extrapolation of a power law fitted to the points above; GPU-hours assume the same "
-                               "number of optimiser steps at each size, FLOPs per step growing with the pixel count, "
-                               "and an H100 at 30% of its dense bf16 peak")
-        else:
-            scaling["predicted_flops_to_floor"] = None
-            scaling["note"] = "KID does not fall with compute over these points: no extrapolation"
-        res["scaling"] = scaling
+        res.update(winner_comparison(table, winner, args.headline_budget, res["kid_floor"], res["kid_floor_std"]))
     spread = seed_spread(table)
     if spread:
         res["seed_spread"] = spread
-    samplers = {}
-    for r in recipes:
-        for m in sorted((s.work / "eval" / r).glob("min*_ema*_*/metrics.json")):
-            rec = json.loads(m.read_text())
-            group = samplers.setdefault(f"{r} {rec['minutes']:g} min", {})
-            group[sampler_label(rec["sampler"])] = {k: rec[k] for k in ("kid", "kid_std", "kid_floor", "fid", "fid_floor", "n", "s_per_sample",
-                                              "morphology_w1")}
-            default = results.get(r, {}).get(f"{rec['minutes']:g}/{primary}")
-            if default and default["n"] == rec["n"]:   # the evaluate phase's draw is the default sampler's entry
-                d = default.get("sampler") or default_sampler()   # older metrics files do not name it
-                group[f"{sampler_label(d)} (default)"] = {
-                    **{k: default[k] for k in ("kid", "kid_std", "kid_floor", "fid", "fid_floor", "n", "morphology_w1")},
-                    "s_per_sample": default.get("s_per_sample", default["sampling_seconds"] / default["n"])}
+    samplers = sampler_groups(s, recipes, results)
     if samplers:
         res["samplers"] = samplers
         res["samplers_note"] = "every sampler draws the same N from the same snapshot, so KID and FID compare"
@@ -151,6 +85,97 @@ def report(args, s: Setup, recipes: Sequence[str]) -> dict[str, Any]:
     print(markdown_table(res))
     print(f"wrote {args.output}")
     return res
+
+
+def recipe_table(results: dict[str, Any], flops: dict[str, int], headline_budget: float) -> dict[str, Any]:
+    """Per recipe: every evaluation by budget and EMA (with training FLOPs), and the headline entry, the preset's
+    EMA at the largest evaluated budget up to the headline budget."""
+    primary = EMA_VARIANTS[0]
+    table = {}
+    for r, recs in results.items():
+        by_budget: dict[str, dict[str, Any]] = {}
+        for rec in recs.values():
+            entry = {k: rec[k] for k in ("kid", "kid_std", "kid_floor", "kid_floor_std", "fid", "fid_floor",
+                                         "morphology_w1", "morphology_w1_floor", "nearest_train_ssim",
+                                         "nearest_train_ssim_floor", "steps", "train_cpu_s", "n", "per_class")}
+            entry["flops"] = flops[r] * rec["steps"]
+            entry["step_flops"] = flops[r]
+            by_budget.setdefault(f"{rec['minutes']:g}", {})[rec["ema"]] = entry
+        cands = [float(m) for m, v in by_budget.items() if primary in v and float(m) <= headline_budget]
+        best_m = max(cands) if cands else max(float(m) for m in by_budget)
+        head = dict(by_budget[f"{best_m:g}"].get(primary) or next(iter(by_budget[f"{best_m:g}"].values())))
+        head["budget_minutes"] = best_m
+        table[r] = {**head, "what": (RECIPES[r].what if r in RECIPES else ""), "by_budget": by_budget}
+    return table
+
+
+def winner_comparison(table: dict[str, Any], winner: str, headline_budget: float, kid_floor: float,
+                      kid_floor_std: float) -> dict[str, Any]:
+    """The winner against current and peer at the headline budget, and the scaling fit over the winner's budgets
+    with its extrapolation to KID 0.01 and to the floor band (FLOPs, this machine's minutes, GPU-hours)."""
+    primary = EMA_VARIANTS[0]
+
+    def kid_at(r, m):
+        e = table.get(r, {}).get("by_budget", {}).get(f"{m:g}", {}).get(primary)
+        return None if e is None else e["kid"]
+    hb = headline_budget
+    kw, kc, kp = kid_at(winner, hb), kid_at("current", hb), kid_at("peer", hb)
+    res: dict[str, Any] = {"winner": winner}
+    res["kid_ratio_winner_vs_current"] = None if kw is None or kc is None else kw / kc
+    res["kid_ratio_winner_vs_peer"] = None if kw is None or kp is None else kw / kp
+    pts = sorted((float(m), v[primary]["flops"], v[primary]["kid"])
+                 for m, v in table[winner]["by_budget"].items() if primary in v)
+    fit = power_fit([(f, k) for _, f, k in pts])
+    band = kid_floor + 2 * kid_floor_std
+    scaling = {"points": [{"minutes": m, "flops": f, "kid": k} for m, f, k in pts], "fit": fit,
+               "floor_band_kid": band}
+    if fit and fit["slope"] < 0:
+        need = 10 ** ((math.log10(band) - fit["log10_kid_intercept"]) / fit["slope"])
+        need_001 = 10 ** ((math.log10(0.01) - fit["log10_kid_intercept"]) / fit["slope"])
+        scaling["predicted_flops_to_floor"] = need
+        scaling["predicted_flops_to_kid_0.01"] = need_001
+        # the same extrapolation in this machine's time: training FLOPs per CPU-minute at the largest budget;
+        # a day of the development machine is 2 cores x 1440 minutes
+        per_min = pts[-1][1] / pts[-1][0]
+        scaling["predicted_cpu_minutes_to_kid_0.01"] = need_001 / per_min
+        scaling["predicted_cpu_minutes_to_floor"] = need / per_min
+        scaling["kid_0.01_within_a_2_core_day"] = need_001 / per_min <= 2 * 1440
+        # an extrapolation: the same number of optimiser steps at the larger size, FLOPs per step x pixels
+        # (same network on 4x / 16x the pixels); an H100 at 30% of its dense bf16 peak (989 TFLOP/s)
+        gpu = 0.3 * 989e12
+        scaling["gpu_hours_extrapolated"] = {f"{px}px": need * (px / 64) ** 2 / gpu / 3600
+                                             for px in (64, 128, 256)}   # to the floor band
+        scaling["gpu_hours_extrapolated_to_kid_0.01"] = {f"{px}px": need_001 * (px / 64) ** 2 / gpu / 3600
+                                                         for px in (64, 128, 256)}
+        scaling["note"] = ("extrapolation of a power law fitted to the points above; GPU-hours assume the same "
+                           "number of optimiser steps at each size, FLOPs per step growing with the pixel count, "
+                           "and an H100 at 30% of its dense bf16 peak")
+    else:
+        scaling["predicted_flops_to_floor"] = None
+        scaling["note"] = "KID does not fall with compute over these points: no extrapolation"
+    res["scaling"] = scaling
+    return res
+
+
+SAMPLER_KEYS = ("kid", "kid_std", "kid_floor", "fid", "fid_floor", "n", "morphology_w1")
+
+
+def sampler_groups(s: Setup, recipes: Sequence[str], results: dict[str, Any]) -> dict[str, Any]:
+    """The sampler variants of each snapshot at the same N, with the evaluate phase's draw as the default's row."""
+    primary = EMA_VARIANTS[0]
+    samplers = {}
+    for r in recipes:
+        for m in sorted((s.work / "eval" / r).glob("min*_ema*_*/metrics.json")):
+            rec = json.loads(m.read_text())
+            group = samplers.setdefault(f"{r} {rec['minutes']:g} min", {})
+            group[sampler_label(rec["sampler"])] = {k: rec[k] for k in SAMPLER_KEYS + ("s_per_sample",)}
+            default = results.get(r, {}).get(f"{rec['minutes']:g}/{primary}")
+            if default and default["n"] == rec["n"]:   # the evaluate phase's draw is the default sampler's entry
+                d = default.get("sampler") or default_sampler()   # older metrics files do not name it
+                group[f"{sampler_label(d)} (default)"] = {
+                    **{k: default[k] for k in SAMPLER_KEYS},
+                    "s_per_sample": default.get("s_per_sample", default["sampling_seconds"] / default["n"])}
+    return samplers
 
 
 SEED_TWINS = {"current_seed1": "current"}   # a recipe trained again at another seed -> the recipe it repeats
