@@ -145,3 +145,13 @@ def test_report_states_the_seed_spread_and_the_ema_lengths(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| current_seed1, 30 min | 0.0950 ± 0.0020 | 0.0990 ± 0.0020 |  |" in out
     assert "|difference| 0.0037" in out
+
+
+def test_the_train_phase_warns_when_the_jobs_oversubscribe_the_cores():
+    """The CPU-minute clock buys fewer steps when more threads run than there are cores: the train phase says so."""
+    sys.path.insert(0, str(ROOT))
+    from bench import quality
+    assert quality.oversubscription(2, 1, 2) == "" and quality.oversubscription(1, 2, 2) == ""
+    assert quality.oversubscription(4, 1, None) == ""          # unknown core count: nothing to say
+    warning = quality.oversubscription(4, 1, 2)
+    assert warning.startswith("warning: 4 jobs x 1 threads on 2 cores") and "fewer" in warning
