@@ -76,6 +76,9 @@ def report(args, s: Setup, recipes: Sequence[str]) -> dict[str, Any]:
     spread = seed_spread(table)
     if spread:
         res["seed_spread"] = spread
+    best = best_at_budget(table, args.headline_budget, spread)
+    if best:
+        res["best_at_headline_budget"] = best
     samplers = sampler_groups(s, recipes, results)
     if samplers:
         res["samplers"] = samplers
@@ -204,6 +207,27 @@ def seed_spread(table: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def best_at_budget(table: dict[str, Any], minutes: float, spread: dict[str, Any]) -> dict[str, Any] | None:
+    """The recipe with the lowest KID (preset's EMA) at exactly ``minutes``, its ratios to current and peer there,
+    and whether its lead over current exceeds the largest seed spread measured (if any)."""
+    primary = EMA_VARIANTS[0]
+    at = {r: rec["by_budget"][f"{minutes:g}"][primary] for r, rec in table.items()
+          if primary in rec["by_budget"].get(f"{minutes:g}", {})}
+    if not at:
+        return None
+    name = min(at, key=lambda r: at[r]["kid"])
+    out: dict[str, Any] = {"recipe": name, "minutes": minutes, "kid": at[name]["kid"], "steps": at[name]["steps"],
+                           "recipes_at_this_budget": sorted(at)}
+    for other in ("current", "peer"):
+        out[f"kid_ratio_vs_{other}"] = at[name]["kid"] / at[other]["kid"] if other in at else None
+    diffs = [v["abs_difference"] for by in spread.values() for v in by.values()]
+    if diffs and "current" in at:
+        lead = at["current"]["kid"] - at[name]["kid"]
+        out["largest_seed_spread"] = max(diffs)
+        out["lead_over_current_exceeds_seed_spread"] = lead > max(diffs)
+    return out
+
+
 def plot(res: dict[str, Any], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -262,6 +286,16 @@ def markdown_table(res: dict[str, Any]) -> str:
             lines.append(f"\nSeed spread ({base}, {m} min): KID {v['kid'][0]:.4f} (seed 0) vs {v['kid'][1]:.4f} "
                          f"(seed 1), |difference| {v['abs_difference']:.4f}, against a KID subset std of "
                          f"~{max(v['kid_subset_std']):.4f}.")
+    best = res.get("best_at_headline_budget")
+    if best:
+        ratios = ", ".join(f"{best[f'kid_ratio_vs_{o}']:.2f}x {o}" for o in ("current", "peer")
+                           if best.get(f"kid_ratio_vs_{o}") is not None)
+        verdict = ""
+        if "lead_over_current_exceeds_seed_spread" in best:
+            word = "exceeds" if best["lead_over_current_exceeds_seed_spread"] else "is within"
+            verdict = f"; its lead over current {word} the seed spread ({best['largest_seed_spread']:.4f})"
+        lines.append(f"\nLowest KID at {best['minutes']:g} min: {best['recipe']} {best['kid']:.4f} ({ratios})"
+                     f"{verdict}.")
     for group, by_sampler in res.get("samplers", {}).items():   # the same snapshot, the same N
         lines += ["", f"| sampler ({group}, N = {next(iter(by_sampler.values()))['n']}) | KID ± std | FID | "
                       "morphology W1 | s / sample |", "|---|---|---|---|---|"]

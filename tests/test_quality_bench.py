@@ -136,12 +136,17 @@ def test_report_states_the_seed_spread_and_the_ema_lengths(tmp_path, capsys):
     metrics(work / "eval" / "current" / "min15_ema0.999", 15, 0.0966, 500, 1100)
     metrics(work / "eval" / "current_seed1" / "min30_ema0.999", 30, 0.0950, 500, 2180)
     metrics(work / "eval" / "current_seed1" / "min30_ema0.99", 30, 0.0990, 500, 2180, ema="0.99")
+    metrics(work / "eval" / "attn_none" / "min30_ema0.999", 30, 0.0900, 500, 2200)
     args = argparse.Namespace(headline_budget=30.0, winner="", output=str(tmp_path / "q.json"))
-    res = quality.report(args, quality.Setup(tmp_path / "data", work, 500, False, 1), ["current", "current_seed1"])
+    res = quality.report(args, quality.Setup(tmp_path / "data", work, 500, False, 1),
+                         ["current", "current_seed1", "attn_none"])
     spread = res["seed_spread"]["current"]
     assert list(spread) == ["30"]                      # 15 min: no second seed there
     assert abs(spread["30"]["abs_difference"] - 0.0037) < 1e-9 and spread["30"]["steps"] == [2200, 2180]
     assert abs(spread["30"]["seed_sd_estimate"] - 0.0037 / 2 ** 0.5) < 1e-9
+    best = res["best_at_headline_budget"]         # the lowest KID at 30 min leads current by 0.0013 < 0.0037
+    assert best["recipe"] == "attn_none" and abs(best["kid_ratio_vs_current"] - 0.0900 / 0.0913) < 1e-12
+    assert best["kid_ratio_vs_peer"] is None and best["lead_over_current_exceeds_seed_spread"] is False
     out = capsys.readouterr().out
     assert "| current_seed1, 30 min | 0.0950 ± 0.0020 | 0.0990 ± 0.0020 |  |" in out
     assert "|difference| 0.0037" in out
