@@ -204,6 +204,9 @@ def seed_spread(table: dict[str, Any]) -> dict[str, Any]:
                 "kid": [a["kid"], b["kid"]], "abs_difference": abs(a["kid"] - b["kid"]),
                 "seed_sd_estimate": abs(a["kid"] - b["kid"]) / math.sqrt(2),
                 "kid_subset_std": [a["kid_std"], b["kid_std"]], "steps": [a["steps"], b["steps"]]}
+            if abs(a["steps"] - b["steps"]) > 0.05 * max(a["steps"], b["steps"]):
+                out[base][m]["note"] = ("the two seeds reached different step counts in the same CPU-minutes (trained "
+                                        "under different machine load), so the spread includes that difference too")
     return out
 
 
@@ -283,9 +286,10 @@ def markdown_table(res: dict[str, Any]) -> str:
                 f"{v[e]['kid']:.4f} ± {v[e]['kid_std']:.4f}" if e in v else "" for e in EMA_VARIANTS) + " |")
     for base, by_budget in res.get("seed_spread", {}).items():
         for m, v in by_budget.items():
-            lines.append(f"\nSeed spread ({base}, {m} min): KID {v['kid'][0]:.4f} (seed 0) vs {v['kid'][1]:.4f} "
-                         f"(seed 1), |difference| {v['abs_difference']:.4f}, against a KID subset std of "
-                         f"~{max(v['kid_subset_std']):.4f}.")
+            lines.append(f"\nSeed spread ({base}, {m} min): KID {v['kid'][0]:.4f} (seed 0, {v['steps'][0]} steps) vs "
+                         f"{v['kid'][1]:.4f} (seed 1, {v['steps'][1]} steps), |difference| {v['abs_difference']:.4f}, "
+                         f"against a KID subset std of ~{max(v['kid_subset_std']):.4f}"
+                         + (f"; {v['note']}." if "note" in v else "."))
     best = res.get("best_at_headline_budget")
     if best:
         ratios = ", ".join(f"{best[f'kid_ratio_vs_{o}']:.2f}x {o}" for o in ("current", "peer")
