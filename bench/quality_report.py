@@ -65,7 +65,8 @@ def report(args, s: Setup, recipes: Sequence[str]) -> dict[str, Any]:
     res: dict[str, Any] = {
         "created": time.strftime("%F %T"), "command": "python bench/quality.py " + " ".join(sys.argv[1:]),
         "dataset": str(s.data_dir), "img_size": img_size, "budget_minutes": args.headline_budget,
-        "budget_clock": "CPU minutes of the training steps (one thread each, recipes run side by side)",
+        "budget_clock": ("CPU minutes of the training steps (one thread per job); steps per CPU-minute fall "
+                         "when the jobs oversubscribe the cores, so compare recipes' steps as well"),
         "n_samples": any_rec["n"], "kid_floor": any_rec["kid_floor"], "kid_floor_std": any_rec["kid_floor_std"],
         "fid_floor": any_rec["fid_floor"], "sampler": "DPM-Solver++ 20 steps, guidance 1.5 (the default)",
         "recipes": table,
