@@ -31,6 +31,7 @@ PEER_CHANNELS = "24,48,48,96"                 # diffusers UNet2DModel at the pre
 class Recipe:
     what: str
     flags: list[str] = field(default_factory=list)
+    repeats: str = ""    # another recipe this one repeats at a different training seed (the report's seed spread)
 
 
 # The recipes are changes to the preset as it stood when the benchmark ran (lr 5e-4); every recipe starts from that
@@ -41,7 +42,8 @@ RECIPES: dict[str, Recipe] = {
     "current": Recipe("configs/busbra_evidence.yaml before this benchmark: MedSegDiffV2 11.3M, patch 2, "
                       "v-prediction + Min-SNR-5, transformer at the 4x4 bottleneck, lr 5e-4, batch 16"),
     "current_seed1": Recipe("the baseline again with training seed 1 (initialisation, data order, noise): how far "
-                            "KID moves between seeds, the yardstick for every recipe's difference", ["--seed", "1"]),
+                            "KID moves between seeds, the yardstick for every recipe's difference", ["--seed", "1"],
+                            repeats="current"),
     "peer": Recipe("diffusers UNet2DModel (24-48-48-96, attention at 8x8) at equal FLOPs per step, same loss and loop",
                    ["--arch", "UNet2DPeer", "--peer_channels", PEER_CHANNELS]),
     "edm": Recipe("EDM parameterisation: preconditioning, log-normal sigma, EDM loss weight; EDM DPM-Solver++",

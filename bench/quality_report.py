@@ -182,9 +182,6 @@ def sampler_groups(s: Setup, recipes: Sequence[str], results: dict[str, Any]) ->
     return samplers
 
 
-SEED_TWINS = {"current_seed1": "current"}   # a recipe trained again at another seed -> the recipe it repeats
-
-
 def seed_spread(table: dict[str, Any]) -> dict[str, Any]:
     """How far KID moves when only the training seed changes, per budget where both seeds were evaluated.
 
@@ -193,7 +190,7 @@ def seed_spread(table: dict[str, Any]) -> dict[str, Any]:
     the spread is not evidence that one recipe is better."""
     out = {}
     primary = EMA_VARIANTS[0]
-    for twin, base in SEED_TWINS.items():
+    for twin, base in ((name, r.repeats) for name, r in RECIPES.items() if r.repeats):
         if twin not in table or base not in table:
             continue
         for m, v in sorted(table[twin]["by_budget"].items(), key=lambda kv: float(kv[0])):
