@@ -113,22 +113,29 @@ def recipe_table(results: dict[str, Any], flops: dict[str, int], headline_budget
     return table
 
 
+def at_budget(rec: dict[str, Any], minutes: float | str) -> dict[str, Any] | None:
+    """A recipe's evaluation with the preset's EMA at ``minutes`` (None if not evaluated there)."""
+    return rec["by_budget"].get(f"{float(minutes):g}", {}).get(EMA_VARIANTS[0])
+
+
+def curve(rec: dict[str, Any]) -> list[tuple[float, dict[str, Any]]]:
+    """A recipe's evaluations with the preset's EMA, by increasing budget."""
+    return sorted(((float(m), v[EMA_VARIANTS[0]]) for m, v in rec["by_budget"].items() if EMA_VARIANTS[0] in v),
+                  key=lambda p: p[0])
+
+
 def winner_comparison(table: dict[str, Any], winner: str, headline_budget: float, kid_floor: float,
                       kid_floor_std: float) -> dict[str, Any]:
     """The winner against current and peer at the headline budget, and the scaling fit over the winner's budgets
     with its extrapolation to KID 0.01 and to the floor band (FLOPs, this machine's minutes, GPU-hours)."""
-    primary = EMA_VARIANTS[0]
-
-    def kid_at(r, m):
-        e = table.get(r, {}).get("by_budget", {}).get(f"{m:g}", {}).get(primary)
+    def kid_at(r):
+        e = at_budget(table[r], headline_budget) if r in table else None
         return None if e is None else e["kid"]
-    hb = headline_budget
-    kw, kc, kp = kid_at(winner, hb), kid_at("current", hb), kid_at("peer", hb)
+    kw, kc, kp = kid_at(winner), kid_at("current"), kid_at("peer")
     res: dict[str, Any] = {"winner": winner}
     res["kid_ratio_winner_vs_current"] = None if kw is None or kc is None else kw / kc
     res["kid_ratio_winner_vs_peer"] = None if kw is None or kp is None else kw / kp
-    pts = sorted((float(m), v[primary]["flops"], v[primary]["kid"])
-                 for m, v in table[winner]["by_budget"].items() if primary in v)
+    pts = [(m, e["flops"], e["kid"]) for m, e in curve(table[winner])]
     fit = power_fit([(f, k) for _, f, k in pts])
     band = kid_floor + 2 * kid_floor_std
     scaling = {"points": [{"minutes": m, "flops": f, "kid": k} for m, f, k in pts], "fit": fit,
@@ -189,31 +196,27 @@ def seed_spread(table: dict[str, Any]) -> dict[str, Any]:
     of freedom: a rough yardstick, not an interval). A difference between two recipes that is not clearly larger than
     the spread is not evidence that one recipe is better."""
     out = {}
-    primary = EMA_VARIANTS[0]
     for twin, base in ((name, r.repeats) for name, r in RECIPES.items() if r.repeats):
         if twin not in table or base not in table:
             continue
-        for m, v in sorted(table[twin]["by_budget"].items(), key=lambda kv: float(kv[0])):
-            a = table[base]["by_budget"].get(m, {}).get(primary)
-            b = v.get(primary)
-            if a is None or b is None:
+        for m, b in curve(table[twin]):
+            a = at_budget(table[base], m)
+            if a is None:
                 continue
-            out.setdefault(base, {})[m] = {
-                "kid": [a["kid"], b["kid"]], "abs_difference": abs(a["kid"] - b["kid"]),
-                "seed_sd_estimate": abs(a["kid"] - b["kid"]) / math.sqrt(2),
-                "kid_subset_std": [a["kid_std"], b["kid_std"]], "steps": [a["steps"], b["steps"]]}
+            diff = abs(a["kid"] - b["kid"])
+            entry = {"kid": [a["kid"], b["kid"]], "abs_difference": diff, "seed_sd_estimate": diff / math.sqrt(2),
+                     "kid_subset_std": [a["kid_std"], b["kid_std"]], "steps": [a["steps"], b["steps"]]}
             if abs(a["steps"] - b["steps"]) > 0.05 * max(a["steps"], b["steps"]):
-                out[base][m]["note"] = ("the two seeds reached different step counts in the same CPU-minutes (trained "
-                                        "under different machine load), so the spread includes that difference too")
+                entry["note"] = ("the two seeds reached different step counts in the same CPU-minutes (trained "
+                                 "under different machine load), so the spread includes that difference too")
+            out.setdefault(base, {})[f"{m:g}"] = entry
     return out
 
 
 def best_at_budget(table: dict[str, Any], minutes: float, spread: dict[str, Any]) -> dict[str, Any] | None:
     """The recipe with the lowest KID (preset's EMA) at exactly ``minutes``, its ratios to current and peer there,
     and whether its lead over current exceeds the largest seed spread measured (if any)."""
-    primary = EMA_VARIANTS[0]
-    at = {r: rec["by_budget"][f"{minutes:g}"][primary] for r, rec in table.items()
-          if primary in rec["by_budget"].get(f"{minutes:g}", {})}
+    at = {r: e for r, e in ((r, at_budget(rec, minutes)) for r, rec in table.items()) if e is not None}
     if not at:
         return None
     name = min(at, key=lambda r: at[r]["kid"])
@@ -235,8 +238,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, rec in sorted(res["recipes"].items()):
-        pts = sorted((float(m), v[EMA_VARIANTS[0]]["kid"]) for m, v in rec["by_budget"].items()
-                     if EMA_VARIANTS[0] in v)
+        pts = [(m, e["kid"]) for m, e in curve(rec)]
         if not pts:
             continue
         ax.plot([p[0] for p in pts], [max(p[1], 1e-5) for p in pts], marker="o", label=name,
@@ -271,7 +273,7 @@ def markdown_table(res: dict[str, Any]) -> str:
         lines += ["", "| recipe | " + " | ".join(f"{m:g} min" for m in budgets) + " |",
                   "|---|" + "---|" * len(budgets)]
         for name, rec in sorted(res["recipes"].items()):
-            cells = [rec["by_budget"].get(f"{m:g}", {}).get(EMA_VARIANTS[0]) for m in budgets]
+            cells = [at_budget(rec, m) for m in budgets]
             lines.append(f"| {name} | " + " | ".join(f"{c['kid']:.4f} ({c['steps']} steps)" if c else ""
                                                      for c in cells) + " |")
     extra = [(name, m, v) for name, rec in sorted(res["recipes"].items())
