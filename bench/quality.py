@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Time to realism: how close to real each generator recipe gets for a given amount of training compute.
 
-`make bench-quality` (or `python bench/quality.py --data_dir <prepared BUS-BRA> ...`). Three phases, each resumable
+`make bench-quality` (or `python bench/quality.py --data_dir <prepared BUS-BRA> ...`). Phases, each resumable
 (rerun the same command and finished work is skipped):
 
   train      every recipe is train_medsegdiff.py on the same prepared dataset (BUS-BRA at 64 px, patient-grouped
@@ -13,13 +13,20 @@
              2 cores the same recipe reached 10% fewer steps in 30 CPU-minutes (time-sharing costs CPU time too),
              and the train phase warns when asked to oversubscribe. Run the recipes of one comparison side by side
              (--jobs 2 --threads_per_job 1 on 2 cores) so they also share the same machine load.
-  evaluate   per recipe and budget: N pairs drawn in the real training split's class proportions with the default
-             sampler (generate_synthetic.py's DPM-Solver++ 20 steps, guidance 1.5, the same lesion-area rejection),
-             then KID (the headline) and FID against the real training images beside the real-vs-real floor at the
-             same N (held-out real vs training real: patient-disjoint), lesion-morphology W1 beside its floor, the
-             mean nearest-training-image SSIM, and a labelled sample grid.
+  draw       per recipe and budget: N pairs drawn in the real training split's class proportions with the default
+             sampler (generate_synthetic.py's DPM-Solver++ 20 steps, guidance 1.5, the same lesion-area rejection)
+             into the evaluation folder, with draw.json (the snapshot's steps and training time, the sampling time).
+  evaluate   draws what the draw phase has not, then measures: KID (the headline) and FID against the real
+             training images beside the real-vs-real floor at the same N (held-out real vs training real:
+             patient-disjoint), lesion-morphology W1 beside its floor, the mean nearest-training-image SSIM, and a
+             labelled sample grid.
   report     bench/quality.json, bench/quality_kid.png (KID against training minutes, log-log, one line per
              recipe), the scaling fit of the winner (KID against training FLOPs) and a Markdown table.
+
+On a GPU (--device cuda, --img_size 128 with a dataset prepared at 128 px) the budgets are wall-clock minutes of
+the training steps, and the recipes of one comparison train side by side on the same GPU (--jobs = recipes). The
+draw phase needs no Inception weights, so a GPU machine without them can train and draw, and the evaluate phase
+measures the drawn folders on any machine (the snapshots need not travel).
 
 Recipes are named changes to a baseline (bench/quality_recipes.py; `--list` prints them); the report phase is
 bench/quality_report.py. `--quick` runs the whole path on a
@@ -40,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.quality_recipes import (BASELINE_FLAGS, BENCH_FLAGS, EMA_VARIANTS, PRESET, QUICK_RECIPES,  # noqa: E402
+from bench.quality_recipes import (BASELINE_FLAGS, EMA_VARIANTS, PRESET, QUICK_RECIPES,  # noqa: E402
                                    RECIPES, Setup, is_default_sampler, parse_sampler)
 from bench.quality_report import report  # noqa: E402
 from common.cli import csv_list, positive_int, run_main  # noqa: E402
@@ -48,6 +55,7 @@ from common.errors import UserError  # noqa: E402
 from common.io import atomic_write_json  # noqa: E402
 
 QUALITY_JSON = ROOT / "bench" / "quality.json"
+PHASES = ("train", "draw", "evaluate", "samplers", "report")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data_dir", default="data/quality/busbra64",
                    help="prepared pair dataset (prepare_busi_dataset.py output); made from --input_dir if missing")
     p.add_argument("--input_dir", default=None,
-                   help="the raw BUS-BRA folder, prepared at 64 px into --data_dir when that does not exist yet")
+                   help="the raw BUS-BRA folder, prepared at --img_size into --data_dir when that does not exist yet")
+    p.add_argument("--img_size", type=positive_int, default=64,
+                   help="the benchmark's image size: --data_dir must be prepared at it (the CPU benchmark is 64 px; "
+                        "128 or 256 on a GPU); training FLOPs are counted at it")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, or cuda / cuda:N: train and draw on that GPU, the budgets then being wall-clock minutes "
+                        "of the training steps (use a separate --work_dir: the minutes are not CPU minutes)")
     p.add_argument("--work_dir", default="checkpoints/quality", help="training runs, samples and per-run metrics")
     p.add_argument("--recipes", type=csv_list, default=["current", "peer"],
                    help=f"recipes to train / evaluate / report, or all (known: {', '.join(RECIPES)}); add a recipe to "
@@ -63,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budgets", type=csv_list, default=["15", "30", "60"],
                    help="training minutes at which each recipe is evaluated; training runs to the largest")
     p.add_argument("--phases", type=csv_list, default=["train", "evaluate", "report"],
-                   help="any of train, evaluate, report")
+                   help="any of train, draw, evaluate, samplers, report (draw: only the synthetic pairs, e.g. on a "
+                        "GPU machine without the Inception weights; evaluate draws what is missing and measures)")
     p.add_argument("--jobs", type=positive_int, default=2, help="trainings / evaluations at the same time")
     p.add_argument("--threads_per_job", type=positive_int, default=1, help="CPU threads of each")
     p.add_argument("--n_samples", type=positive_int, default=500,
@@ -83,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="samplers phase: SAMPLER:STEPS:GUIDANCE variants, each drawing the same --n_samples from the "
                         "snapshot of --recipes at --budgets (first recipe, largest budget)")
     p.add_argument("--eval_one", nargs="+", metavar="ARG", help=argparse.SUPPRESS)
+    p.add_argument("--draw_only", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
@@ -92,7 +108,10 @@ def setup_from(args) -> Setup:
     data = Path(args.data_dir)
     if args.quick:
         data = work / "phantom32"
-    return Setup(data, work, 24 if args.quick else args.n_samples, args.quick, args.threads_per_job)
+    if args.device != "cpu" and not args.device.startswith("cuda"):
+        raise UserError(f"--device: cpu, cuda or cuda:N, not {args.device!r}")
+    return Setup(data, work, 24 if args.quick else args.n_samples, args.quick, args.threads_per_job,
+                 32 if args.quick else args.img_size, args.device)
 
 
 def env(threads: int) -> dict[str, str]:
@@ -132,25 +151,35 @@ def run_tasks(tasks: list[tuple[str, list[str], Path]], jobs: int, threads: int)
 # ---------------------------------------------------------------------------------------------- train
 def prepare(args, s: Setup) -> None:
     if (s.data_dir / "dataset.json").is_file():
+        check_data_size(s)
         return
     py = sys.executable
     if s.quick:
         argv = [py, "prepare_busi_dataset.py", "--phantom", "80", "--img_size", "32", "--output_dir", str(s.data_dir)]
     elif args.input_dir:
-        argv = [py, "prepare_busi_dataset.py", "--input_dir", args.input_dir, "--img_size", "64", "--output_dir",
-                str(s.data_dir)]
+        argv = [py, "prepare_busi_dataset.py", "--input_dir", args.input_dir, "--img_size", str(s.img_size),
+                "--output_dir", str(s.data_dir)]
     else:
         raise UserError(f"{s.data_dir}: no prepared dataset; pass --input_dir /path/to/BUSBRA to prepare it")
     print(f"prepare: {' '.join(argv)}", flush=True)
     subprocess.run(argv, cwd=ROOT, check=True, env=env(s.threads), stdout=subprocess.DEVNULL)
 
 
+def check_data_size(s: Setup) -> None:
+    """The prepared dataset must be at the benchmark's image size (its FLOPs and floors are counted at it)."""
+    try:
+        size = int(json.loads((s.data_dir / "dataset.json").read_text()).get("img_size", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        raise UserError(f"{s.data_dir / 'dataset.json'}: unreadable; prepare the dataset again") from None
+    if size and size != s.img_size:
+        raise UserError(f"{s.data_dir}: prepared at {size} px, but --img_size is {s.img_size}; pass --img_size "
+                        f"{size} or a --data_dir prepared at {s.img_size} px")
+
+
 def train_argv(s: Setup, recipe: str, budgets: Sequence[float]) -> list[str]:
     argv = [sys.executable, "train_medsegdiff.py", "--config", PRESET, "--data_dir", str(s.data_dir),
             "--output_dir", str(s.run_dir(recipe)), "--budget_minutes", f"{max(budgets):g}",
-            "--snapshot_minutes", ",".join(f"{b:g}" for b in budgets), *BENCH_FLAGS]
-    if s.quick:
-        argv += ["--img_size", "32"]
+            "--snapshot_minutes", ",".join(f"{b:g}" for b in budgets), *s.bench_flags(), "--img_size", str(s.img_size)]
     return argv + s.recipe_flags(recipe)
 
 
@@ -169,7 +198,7 @@ def train(args, s: Setup, recipes: Sequence[str], budgets: Sequence[float]) -> N
         if all(s.snapshot(r, b).is_file() for b in budgets):
             continue
         tasks.append((f"train {r}", train_argv(s, r, budgets), s.work / "logs" / f"train_{r}.log"))
-    warning = oversubscription(min(args.jobs, len(tasks)), s.threads, os.cpu_count())
+    warning = "" if s.on_gpu else oversubscription(min(args.jobs, len(tasks)), s.threads, os.cpu_count())
     if warning:
         print(warning, flush=True)
     run_tasks(tasks, args.jobs, s.threads)
@@ -253,35 +282,63 @@ def checkpoint_for(s: Setup, recipe: str, minutes: float, ema: str) -> Path:
     return out
 
 
-def evaluate_one(s: Setup, recipe: str, minutes: float, ema: str, sampler: str = "") -> dict[str, Any]:
-    """Draw, measure and write <eval_dir>/metrics.json + grid.png for one snapshot (see the module docstring)."""
+def draw_one(s: Setup, recipe: str, minutes: float, ema: str, sampler: str = "") -> dict[str, Any]:
+    """Draw N pairs from one snapshot into <eval_dir>/samples on s.device and record the draw in draw.json (the
+    snapshot's training steps and time, the sampling time), so that measuring needs neither the snapshot nor the
+    device it was drawn on. Returns draw.json."""
     import numpy as np
     import torch
 
-    from data.pairs import open_pair_dataset
-    from sampling.generation import GenerationRequest, generate
-    from metrics.generation import evaluate_generation
-    from metrics.morphology import evaluate_morphology
-    from metrics.similarity import nearest_ssim
     from common.checkpoint import load_checkpoint
+    from data.pairs import open_pair_dataset
+    from sampling.generation import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, GenerationRequest, generate
 
     out = s.eval_dir(recipe, minutes, ema, sampler)
-    if (out / "metrics.json").is_file():
-        return json.loads((out / "metrics.json").read_text())
+    if (out / "draw.json").is_file():
+        return json.loads((out / "draw.json").read_text())
     torch.set_num_threads(s.threads)
-    real = real_reference(s)
-    train_lab = real["labels"][~real["heldout"]]
-    counts = class_counts(train_lab, s.n_samples)
+    ds = open_pair_dataset(s.data_dir)
+    train_labels = np.array([r["label"] for r in ds.select(labels=["benign", "malignant"]) if r["split"] == "train"])
+    counts = class_counts(train_labels, s.n_samples)
     ckpt_path = checkpoint_for(s, recipe, minutes, ema)
     ckpt = load_checkpoint(ckpt_path, expect_kind="diffusion")
-    from sampling.generation import DEFAULT_GUIDANCE, DEFAULT_SAMPLER
     name, steps, guidance = parse_sampler(sampler) if sampler else (DEFAULT_SAMPLER, 0, DEFAULT_GUIDANCE)
     t0 = time.time()
     summary = generate(GenerationRequest(
         checkpoint_path=str(ckpt_path), output_dir=str(out / "samples"), classes=sorted(counts), counts=counts,
-        sampler=name, steps=4 if s.quick else steps, guidance_scale=guidance, batch_size=16, device="cpu",
+        sampler=name, steps=4 if s.quick else steps, guidance_scale=guidance,
+        batch_size=128 if s.on_gpu else 16, device=s.device,
         command=f"bench/quality.py {recipe} {minutes} {ema} {sampler}"))
     sampling_s = time.time() - t0
+    drawn = sum(summary.get("drawn_this_run", {}).values())
+    res = {"recipe": recipe, "minutes": minutes, "ema": ema, "checkpoint": str(ckpt_path), "device": s.device,
+           "img_size": s.img_size, "steps": int(ckpt["step"]), "train_cpu_s": float(ckpt.get("train_cpu_s", 0.0)),
+           "train_wall_s": float(ckpt.get("train_wall_s", 0.0)),
+           "parameters": sum(v.numel() for v in ckpt["ema"].values()), "counts": counts,
+           "rejected": summary.get("rejected_this_run"), "sampling_seconds": sampling_s,
+           "loop_seconds": summary.get("sampling_seconds"),
+           "s_per_sample": (summary.get("sampling_seconds") or sampling_s) / max(1, drawn),
+           "sampler": {"name": name, "steps": summary.get("steps"), "guidance": guidance}}
+    atomic_write_json(out / "draw.json", res)
+    return res
+
+
+def evaluate_one(s: Setup, recipe: str, minutes: float, ema: str, sampler: str = "") -> dict[str, Any]:
+    """Draw (unless drawn), measure and write <eval_dir>/metrics.json + grid.png for one snapshot (see the module
+    docstring)."""
+    import numpy as np
+
+    from data.pairs import open_pair_dataset
+    from metrics.generation import evaluate_generation
+    from metrics.morphology import evaluate_morphology
+    from metrics.similarity import nearest_ssim
+
+    out = s.eval_dir(recipe, minutes, ema, sampler)
+    if (out / "metrics.json").is_file():
+        return json.loads((out / "metrics.json").read_text())
+    drawn = draw_one(s, recipe, minutes, ema, sampler)
+    counts = drawn["counts"]
+    real = real_reference(s)
     syn = open_pair_dataset(out / "samples")
     syn_images, syn_masks = syn.load()
     syn_labels = np.array([r["label"] for r in syn.rows])
@@ -304,10 +361,8 @@ def evaluate_one(s: Setup, recipe: str, minutes: float, ema: str, sampler: str =
 
     a = gen["all"]
     res = {
-        "recipe": recipe, "minutes": minutes, "ema": ema, "checkpoint": str(ckpt_path),
-        "steps": int(ckpt["step"]), "train_cpu_s": float(ckpt.get("train_cpu_s", 0.0)),
-        "train_wall_s": float(ckpt.get("train_wall_s", 0.0)), "parameters": sum(v.numel() for v in ckpt["ema"].values()),
-        "n": int(a["n"]), "counts": counts, "rejected": summary.get("rejected_this_run"),
+        **{k: v for k, v in drawn.items() if k not in ("device", "img_size")},
+        "n": int(a["n"]),
         "kid": a["kid"]["full_sets"]["mean"], "kid_std": a["kid"]["full_sets"]["std"],
         "kid_floor": a["kid"]["floor"]["mean"], "kid_floor_std": a["kid"]["floor"]["std"],
         "fid": a["fid"]["full_sets"], "fid_floor": a["fid"]["floor"]["mean"], "fid_floor_std": a["fid"]["floor"]["std"],
@@ -318,14 +373,13 @@ def evaluate_one(s: Setup, recipe: str, minutes: float, ema: str, sampler: str =
         "morphology_per_class": {lab: {"synthetic": v["synthetic"]["mean"], "floor": v["floor"]["mean"]}
                                  for lab, v in w1.items()},
         "nearest_train_ssim": float(near.mean()), "nearest_train_ssim_floor": float(near_held.mean()),
-        "sampling_seconds": sampling_s, "loop_seconds": summary.get("sampling_seconds"),
-        "s_per_sample": (summary.get("sampling_seconds") or sampling_s) / max(1, sum(summary.get("drawn_this_run", {}
-                                                                                            ).values()) or 1),
-        "sampler": {"name": name, "steps": summary.get("steps"), "guidance": guidance},
     }
+    if drawn.get("device", "cpu") != "cpu":
+        res["drawn_on"] = drawn["device"]
+    name, steps, guidance = drawn["sampler"]["name"], drawn["sampler"]["steps"], drawn["sampler"]["guidance"]
     from common.visual import labelled_grid
     labelled_grid(out / "grid.png", syn_images, syn_masks, syn_labels,
-                  f"{recipe} - {minutes:g} min ({res['steps']} steps), EMA {ema}, {name} {summary.get('steps')} "
+                  f"{recipe} - {minutes:g} min ({res['steps']} steps), EMA {ema}, {name} {steps} "
                   f"steps, guidance {guidance:g} - KID {res['kid']:.4f}")
     atomic_write_json(out / "metrics.json", res)
     return res
@@ -342,10 +396,8 @@ def compare_samplers(args, s: Setup, recipe: str, minutes: float, specs: Sequenc
             if not (s.eval_dir(recipe, minutes, EMA_VARIANTS[0]) / "metrics.json").is_file():
                 print(f"sampler {spec} on {recipe} {minutes:g} min: the default; run the evaluate phase for it")
             continue
-        argv = [sys.executable, "bench/quality.py", "--eval_one", recipe, f"{minutes:g}", EMA_VARIANTS[0], spec,
-                "--work_dir", str(s.work), "--data_dir", str(args.data_dir), "--n_samples", str(args.n_samples),
-                "--threads_per_job", str(s.threads)] + (["--quick"] if s.quick else [])
-        tasks.append((f"sampler {spec} on {recipe} {minutes:g} min", argv,
+        tasks.append((f"sampler {spec} on {recipe} {minutes:g} min", eval_argv(args, s, recipe, minutes,
+                                                                                EMA_VARIANTS[0], spec),
                       s.work / "logs" / f"sampler_{recipe}_min{minutes:g}_{spec.replace(':', '-')}.log"))
     run_tasks(tasks, args.jobs, s.threads)
 
@@ -361,18 +413,29 @@ def extra_ema_skip(snap: Path, ema: str, ckpt: dict[str, Any] | None = None) -> 
     return same_as_primary(ckpt, ema)
 
 
-def evaluate(args, s: Setup, recipes: Sequence[str], budgets: Sequence[float]) -> None:
+def eval_argv(args, s: Setup, recipe: str, minutes: float, ema: str, *extra: str) -> list[str]:
+    """One evaluation (or, with --draw_only, one draw) in a worker process."""
+    return [sys.executable, "bench/quality.py", "--eval_one", recipe, f"{minutes:g}", ema, *extra, "--work_dir",
+            str(s.work), "--data_dir", str(args.data_dir), "--n_samples", str(args.n_samples), "--threads_per_job",
+            str(s.threads), "--img_size", str(s.img_size), "--device", s.device] + (["--quick"] if s.quick else [])
+
+
+def evaluate(args, s: Setup, recipes: Sequence[str], budgets: Sequence[float], draw_only: bool = False) -> None:
+    """The evaluate phase (or, draw_only, the draw phase) over every recipe, budget and EMA length."""
     from common.checkpoint import load_checkpoint
-    real_reference(s)   # the real features once, before the workers start
+    if not draw_only:
+        real_reference(s)   # the real features once, before the workers start
     emas = EMA_VARIANTS if args.ema_variants else EMA_VARIANTS[:1]
+    done = "draw.json" if draw_only else "metrics.json"
     tasks = []
     loaded: dict[Path, dict[str, Any]] = {}
     for r in recipes:
         for b in budgets:
             for ema in emas:
-                if not s.snapshot(r, b).is_file() or (s.eval_dir(r, b, ema) / "metrics.json").is_file():
+                drawn = (s.eval_dir(r, b, ema) / "draw.json").is_file()
+                if (s.eval_dir(r, b, ema) / done).is_file() or (not s.snapshot(r, b).is_file() and not drawn):
                     continue
-                if ema != EMA_VARIANTS[0]:
+                if ema != EMA_VARIANTS[0] and not drawn:
                     snap = s.snapshot(r, b)
                     if snap not in loaded:   # one read per snapshot, whatever the number of extra EMAs
                         loaded = {snap: load_checkpoint(snap, expect_kind="diffusion")}
@@ -380,11 +443,10 @@ def evaluate(args, s: Setup, recipes: Sequence[str], budgets: Sequence[float]) -
                     if why:
                         print(f"skip {r} {b:g} min EMA {ema}: {why}", flush=True)
                         continue
-                argv = [sys.executable, "bench/quality.py", "--eval_one", r, f"{b:g}", ema, "--work_dir",
-                        str(s.work), "--data_dir", str(args.data_dir), "--n_samples", str(args.n_samples),
-                        "--threads_per_job", str(s.threads)] + (["--quick"] if s.quick else [])
-                tasks.append((f"evaluate {r} {b:g} min EMA {ema}", argv,
-                              s.work / "logs" / f"eval_{r}_min{b:g}_ema{ema}.log"))
+                verb = "draw" if draw_only else "eval"
+                tasks.append((f"{'draw' if draw_only else 'evaluate'} {r} {b:g} min EMA {ema}",
+                              eval_argv(args, s, r, b, ema, *(["--draw_only"] if draw_only else [])),
+                              s.work / "logs" / f"{verb}_{r}_min{b:g}_ema{ema}.log"))
     run_tasks(tasks, args.jobs, s.threads)
 
 
@@ -398,7 +460,7 @@ def main(argv=None) -> int:
     s = setup_from(args)
     if args.eval_one:
         r, m, ema, *sampler = args.eval_one
-        evaluate_one(s, r, float(m), ema, sampler[0] if sampler else "")
+        (draw_one if args.draw_only else evaluate_one)(s, r, float(m), ema, sampler[0] if sampler else "")
         return 0
     known = QUICK_RECIPES if args.quick else RECIPES
     recipes = list(known) if (args.quick and args.recipes == ["current", "peer"]) or args.recipes == ["all"] \
@@ -415,9 +477,9 @@ def main(argv=None) -> int:
     if not budgets or budgets[0] <= 0:
         raise UserError("--budgets: every budget must be > 0 minutes")
     phases = args.phases
-    bad = [p for p in phases if p not in ("train", "evaluate", "samplers", "report")]
+    bad = [p for p in phases if p not in PHASES]
     if bad:
-        raise UserError(f"--phases: unknown {', '.join(bad)} (train, evaluate, samplers, report)")
+        raise UserError(f"--phases: unknown {', '.join(bad)} ({', '.join(PHASES)})")
     for spec in args.samplers:
         parse_sampler(spec)
     s.work.mkdir(parents=True, exist_ok=True)
@@ -428,6 +490,10 @@ def main(argv=None) -> int:
     if "train" in phases:
         prepare(args, s)
         train(args, s, recipes, budgets)
+    elif (s.data_dir / "dataset.json").is_file():
+        check_data_size(s)
+    if "draw" in phases:
+        evaluate(args, s, recipes, budgets, draw_only=True)
     if "evaluate" in phases:
         evaluate(args, s, recipes, budgets)
     if "samplers" in phases:

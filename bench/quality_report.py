@@ -24,7 +24,7 @@ def recipe_step_flops(s: Setup, recipe: str) -> int:
     from training.config import DiffusionTrainConfig
     from training.plan import step_flops
     cfg = config_from_flags(DiffusionTrainConfig, ["--config", str(ROOT / PRESET), *s.recipe_flags(recipe),
-                                                   "--img_size", "32" if s.quick else "64"])
+                                                   "--img_size", str(s.img_size)])
     return step_flops(cfg)
 
 
@@ -58,14 +58,17 @@ def report(args, s: Setup, recipes: Sequence[str]) -> dict[str, Any]:
     results = collect(s, recipes)
     if not results:
         raise UserError(f"{s.work / 'eval'}: nothing evaluated yet for {', '.join(recipes)}; run the evaluate phase")
-    img_size = 32 if s.quick else 64
+    img_size = s.img_size
     flops = {r: recipe_step_flops(s, r) for r in results}
     table = recipe_table(results, flops, args.headline_budget)
     any_rec = next(iter(next(iter(results.values())).values()))
     res: dict[str, Any] = {
         "created": time.strftime("%F %T"), "command": "python bench/quality.py " + " ".join(sys.argv[1:]),
         "dataset": str(s.data_dir), "img_size": img_size, "budget_minutes": args.headline_budget,
-        "budget_clock": ("CPU minutes of the training steps (one thread per job); steps per CPU-minute fall "
+        "device": s.device,
+        "budget_clock": (f"wall-clock minutes of the training steps on {s.device}, the recipes side by side on the "
+                         "same GPU" if s.on_gpu else
+                         "CPU minutes of the training steps (one thread per job); steps per CPU-minute fall "
                          "when the jobs oversubscribe the cores, so compare recipes' steps as well"),
         "n_samples": any_rec["n"], "kid_floor": any_rec["kid_floor"], "kid_floor_std": any_rec["kid_floor_std"],
         "fid_floor": any_rec["fid_floor"], "sampler": "DPM-Solver++ 20 steps, guidance 1.5 (the default)",
@@ -73,7 +76,8 @@ def report(args, s: Setup, recipes: Sequence[str]) -> dict[str, Any]:
     }
     winner = args.winner
     if winner and winner in table:
-        res.update(winner_comparison(table, winner, args.headline_budget, res["kid_floor"], res["kid_floor_std"]))
+        res.update(winner_comparison(table, winner, args.headline_budget, res["kid_floor"], res["kid_floor_std"],
+                                     img_size, s.on_gpu))
     spread = seed_spread(table)
     if spread:
         res["seed_spread"] = spread
@@ -102,6 +106,7 @@ def recipe_table(results: dict[str, Any], flops: dict[str, int], headline_budget
             entry = {k: rec[k] for k in ("kid", "kid_std", "kid_floor", "kid_floor_std", "fid", "fid_floor",
                                          "morphology_w1", "morphology_w1_floor", "nearest_train_ssim",
                                          "nearest_train_ssim_floor", "steps", "train_cpu_s", "n", "per_class")}
+            entry["train_wall_s"] = rec.get("train_wall_s")
             entry["flops"] = flops[r] * rec["steps"]
             entry["step_flops"] = flops[r]
             by_budget.setdefault(f"{rec['minutes']:g}", {})[rec["ema"]] = entry
@@ -125,7 +130,7 @@ def curve(rec: dict[str, Any]) -> list[tuple[float, dict[str, Any]]]:
 
 
 def winner_comparison(table: dict[str, Any], winner: str, headline_budget: float, kid_floor: float,
-                      kid_floor_std: float) -> dict[str, Any]:
+                      kid_floor_std: float, img_size: int = 64, on_gpu: bool = False) -> dict[str, Any]:
     """The winner against current and peer at the headline budget, and the scaling fit over the winner's budgets
     with its extrapolation to KID 0.01 and to the floor band (FLOPs, this machine's minutes, GPU-hours)."""
     def kid_at(r):
@@ -145,19 +150,22 @@ def winner_comparison(table: dict[str, Any], winner: str, headline_budget: float
         need_001 = 10 ** ((math.log10(0.01) - fit["log10_kid_intercept"]) / fit["slope"])
         scaling["predicted_flops_to_floor"] = need
         scaling["predicted_flops_to_kid_0.01"] = need_001
-        # the same extrapolation in this machine's time: training FLOPs per CPU-minute at the largest budget;
+        # the same extrapolation in this machine's time: training FLOPs per budget minute at the largest budget;
         # a day of the development machine is 2 cores x 1440 minutes
         per_min = pts[-1][1] / pts[-1][0]
-        scaling["predicted_cpu_minutes_to_kid_0.01"] = need_001 / per_min
-        scaling["predicted_cpu_minutes_to_floor"] = need / per_min
-        scaling["kid_0.01_within_a_2_core_day"] = need_001 / per_min <= 2 * 1440
+        clock = "gpu" if on_gpu else "cpu"
+        scaling[f"predicted_{clock}_minutes_to_kid_0.01"] = need_001 / per_min
+        scaling[f"predicted_{clock}_minutes_to_floor"] = need / per_min
+        if not on_gpu:
+            scaling["kid_0.01_within_a_2_core_day"] = need_001 / per_min <= 2 * 1440
         # an extrapolation: the same number of optimiser steps at the larger size, FLOPs per step x pixels
         # (same network on 4x / 16x the pixels); an H100 at 30% of its dense bf16 peak (989 TFLOP/s)
         gpu = 0.3 * 989e12
-        scaling["gpu_hours_extrapolated"] = {f"{px}px": need * (px / 64) ** 2 / gpu / 3600
-                                             for px in (64, 128, 256)}   # to the floor band
-        scaling["gpu_hours_extrapolated_to_kid_0.01"] = {f"{px}px": need_001 * (px / 64) ** 2 / gpu / 3600
-                                                         for px in (64, 128, 256)}
+        sizes = sorted({img_size, 64, 128, 256})
+        scaling["gpu_hours_extrapolated"] = {f"{px}px": need * (px / img_size) ** 2 / gpu / 3600
+                                             for px in sizes if px >= img_size}   # to the floor band
+        scaling["gpu_hours_extrapolated_to_kid_0.01"] = {f"{px}px": need_001 * (px / img_size) ** 2 / gpu / 3600
+                                                         for px in sizes if px >= img_size}
         scaling["note"] = ("extrapolation of a power law fitted to the points above; GPU-hours assume the same "
                            "number of optimiser steps at each size, FLOPs per step growing with the pixel count, "
                            "and an H100 at 30% of its dense bf16 peak")
@@ -248,9 +256,10 @@ def plot(res: dict[str, Any], path: Path) -> None:
                label="real vs real floor (mean +- 2 sd)")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("training minutes (CPU, one thread)")
+    gpu = res.get("device", "cpu") != "cpu"
+    ax.set_xlabel(f"training minutes ({'wall clock, ' + res['device'] if gpu else 'CPU, one thread'})")
     ax.set_ylabel(f"KID vs real training images (N={res['n_samples']})")
-    ax.set_title("Time to realism, BUS-BRA 64 px (lower is better)")
+    ax.set_title(f"Time to realism, BUS-BRA {res['img_size']} px (lower is better)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()

@@ -21,7 +21,6 @@ most of it). Example:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys

@@ -16,9 +16,22 @@ def run(*argv):
 
 
 def test_quick_path_writes_the_promised_json(tmp_path):
+    """Trained and drawn in one invocation (as on a GPU machine without the Inception weights), measured and
+    reported in another that draws nothing again."""
     work = tmp_path / "q"
-    res = run("--quick", "--work_dir", str(work))
+    res = run("--quick", "--work_dir", str(work), "--phases", "train,draw")
     assert res.returncode == 0, res.stderr[-2000:] + res.stdout[-2000:]
+    drawn = work / "eval" / "edm" / "min0.04_ema0.999"
+    assert (drawn / "draw.json").is_file() and not (drawn / "metrics.json").exists()
+    draw = json.loads((drawn / "draw.json").read_text())
+    assert sum(draw["counts"].values()) == 24 and draw["steps"] > 0 and draw["device"] == "cpu"
+    samples = sorted((drawn / "samples" / "images").glob("*.png"))
+    assert len(samples) == 24
+    stamps = [p.stat().st_mtime_ns for p in samples]
+    res = run("--quick", "--work_dir", str(work), "--phases", "evaluate,report")
+    assert res.returncode == 0, res.stderr[-2000:] + res.stdout[-2000:]
+    assert [p.stat().st_mtime_ns for p in sorted((drawn / "samples" / "images").glob("*.png"))] == stamps
+    assert json.loads((drawn / "metrics.json").read_text())["steps"] == draw["steps"]
     q = json.loads((work / "quality.json").read_text())
     for key in ("budget_minutes", "n_samples", "kid_floor", "recipes", "kid_ratio_winner_vs_current",
                 "kid_ratio_winner_vs_peer", "scaling"):
@@ -47,8 +60,32 @@ def test_quick_path_writes_the_promised_json(tmp_path):
 def test_bad_input_is_one_line(tmp_path):
     res = run("--recipes", "nonsense", "--work_dir", str(tmp_path))
     assert res.returncode == 2 and res.stderr.startswith("error: --recipes: unknown nonsense")
+    res = run("--device", "tpu", "--work_dir", str(tmp_path))
+    assert res.returncode == 2 and "--device: cpu, cuda or cuda:N" in res.stderr
+    data = tmp_path / "d128"
+    data.mkdir()
+    (data / "dataset.json").write_text(json.dumps({"img_size": 128}))
+    res = run("--data_dir", str(data), "--work_dir", str(tmp_path), "--phases", "evaluate")
+    assert res.returncode == 2 and "prepared at 128 px, but --img_size is 64" in res.stderr
     res = run("--samplers", "dpm:x", "--work_dir", str(tmp_path), "--phases", "samplers")
     assert res.returncode == 2 and "SAMPLER:STEPS:GUIDANCE" in res.stderr
+
+
+def test_a_gpu_benchmark_trains_on_the_wall_clock_of_its_device(tmp_path):
+    """On a GPU the CPU-minute clock does not see the work, so the budget is wall minutes there; the CPU benchmark
+    keeps its CPU minutes; FLOPs are counted at the benchmark's image size."""
+    sys.path.insert(0, str(ROOT))
+    from bench import quality
+    from bench.quality_report import recipe_step_flops
+
+    cpu = quality.Setup(tmp_path, tmp_path, 500, False, 1)
+    gpu = quality.Setup(tmp_path, tmp_path, 500, False, 1, img_size=128, device="cuda")
+    argv = quality.train_argv(gpu, "current", [1.5, 3])
+    assert argv[argv.index("--budget_clock") + 1] == "wall" and argv[argv.index("--device") + 1] == "cuda"
+    argv = quality.train_argv(cpu, "current", [15, 30])
+    assert argv[argv.index("--budget_clock") + 1] == "cpu" and argv[argv.index("--device") + 1] == "cpu"
+    # 4x the pixels: ~4x the FLOPs (the per-sample parts that do not grow with the image keep it just under 4)
+    assert 3.9 < recipe_step_flops(gpu, "current") / recipe_step_flops(cpu, "current") < 4.1
 
 
 def test_an_extra_ema_equal_to_the_preset_ema_is_not_a_second_result(tmp_path):
