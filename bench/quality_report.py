@@ -107,6 +107,9 @@ def recipe_table(results: dict[str, Any], flops: dict[str, int], headline_budget
                                          "morphology_w1", "morphology_w1_floor", "nearest_train_ssim",
                                          "nearest_train_ssim_floor", "steps", "train_cpu_s", "n", "per_class")}
             entry["train_wall_s"] = rec.get("train_wall_s")
+            # achieved training throughput: what the budget bought, against the hardware's peak
+            entry["train_flop_per_wall_s"] = (flops[r] * rec["steps"] / rec["train_wall_s"]
+                                              if rec.get("train_wall_s") else None)
             entry["flops"] = flops[r] * rec["steps"]
             entry["step_flops"] = flops[r]
             by_budget.setdefault(f"{rec['minutes']:g}", {})[rec["ema"]] = entry
@@ -145,7 +148,7 @@ def winner_comparison(table: dict[str, Any], winner: str, headline_budget: float
     band = kid_floor + 2 * kid_floor_std
     scaling = {"points": [{"minutes": m, "flops": f, "kid": k} for m, f, k in pts], "fit": fit,
                "floor_band_kid": band}
-    if fit and fit["slope"] < 0:
+    if fit and fit["slope"] < 0 and fit["n_points"] >= 3:   # two points fit any line exactly: no extrapolation
         need = 10 ** ((math.log10(band) - fit["log10_kid_intercept"]) / fit["slope"])
         need_001 = 10 ** ((math.log10(0.01) - fit["log10_kid_intercept"]) / fit["slope"])
         scaling["predicted_flops_to_floor"] = need
@@ -171,7 +174,9 @@ def winner_comparison(table: dict[str, Any], winner: str, headline_budget: float
                            "and an H100 at 30% of its dense bf16 peak")
     else:
         scaling["predicted_flops_to_floor"] = None
-        scaling["note"] = "KID does not fall with compute over these points: no extrapolation"
+        scaling["note"] = ("fewer than three points: a line through two says nothing about the trend, so no "
+                           "extrapolation" if fit and fit["n_points"] < 3 else
+                           "KID does not fall with compute over these points: no extrapolation")
     res["scaling"] = scaling
     return res
 
@@ -215,8 +220,8 @@ def seed_spread(table: dict[str, Any]) -> dict[str, Any]:
             entry = {"kid": [a["kid"], b["kid"]], "abs_difference": diff, "seed_sd_estimate": diff / math.sqrt(2),
                      "kid_subset_std": [a["kid_std"], b["kid_std"]], "steps": [a["steps"], b["steps"]]}
             if abs(a["steps"] - b["steps"]) > 0.05 * max(a["steps"], b["steps"]):
-                entry["note"] = ("the two seeds reached different step counts in the same CPU-minutes (trained "
-                                 "under different machine load), so the spread includes that difference too")
+                entry["note"] = ("the two seeds reached different step counts in the same budget (trained "
+                                 "under different load), so the spread includes that difference too")
             out.setdefault(base, {})[f"{m:g}"] = entry
     return out
 

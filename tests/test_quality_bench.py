@@ -46,6 +46,8 @@ def test_quick_path_writes_the_promised_json(tmp_path):
     assert q["kid_floor"] < min(r["kid"] for r in q["recipes"].values())
     sc = q["scaling"]
     assert [p["minutes"] for p in sc["points"]] == [0.02, 0.04] and sc["fit"]["n_points"] == 2
+    # a line through two points fits exactly: no extrapolation is made from it
+    assert sc["predicted_flops_to_floor"] is None and "fewer than three points" in sc["note"]
     assert (work / "quality_kid.png").is_file()
     assert (work / "eval" / "edm" / "min0.04_ema0.999" / "grid.png").is_file()
     # snapshots at each budget, the budget clock in the checkpoint, nothing retrained on a rerun
