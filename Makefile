@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.requirements-installed
 
-.PHONY: demo test test-slow bench bench-quality gpu-check evidence clean-demo help
+.PHONY: demo test test-slow bench bench-quality bench-quality-gpu gpu-check evidence clean-demo help
 
 help:
 	@echo "make demo       run every phase on a generated phantom at 64 px (CPU, minutes)"
@@ -13,6 +13,7 @@ help:
 	@echo "make test-slow  also the slow end-to-end tests"
 	@echo "make bench      performance benchmarks against peers (bench/)"
 	@echo "make bench-quality  time to realism: generator recipes on BUS-BRA at 64 px (BUSBRA=/path; hours)"
+	@echo "make bench-quality-gpu  the same at 128 px on a CUDA GPU, wall-clock minutes (BUSBRA=/path; ~10 min)"
 	@echo "make gpu-check  every phase at 256 px in bf16 on a CUDA GPU, a few minutes (bench/gpu_check.json)"
 	@echo "make evidence   the whole recipe on BUS-BRA (BUSBRA=/path), results in results/busbra_v2/ (CPU: many hours)"
 
@@ -60,6 +61,12 @@ QUALITY_BUDGETS ?= 15,30,60
 bench-quality: $(STAMP)
 	@test -n "$(BUSBRA)" -o -f data/quality/busbra64/dataset.json || { echo "make bench-quality needs BUSBRA=/path/to/BUSBRA"; exit 2; }
 	$(PY) bench/quality.py $(if $(BUSBRA),--input_dir $(BUSBRA)) --recipes $(QUALITY_RECIPES) --budgets $(QUALITY_BUDGETS)
+
+bench-quality-gpu: $(STAMP)
+	@test -n "$(BUSBRA)" -o -f data/quality/busbra128/dataset.json || { echo "make bench-quality-gpu needs BUSBRA=/path/to/BUSBRA"; exit 2; }
+	$(PY) bench/quality.py --device cuda --img_size 128 --data_dir data/quality/busbra128 $(if $(BUSBRA),--input_dir $(BUSBRA)) \
+		--work_dir checkpoints/quality128 --recipes current,current_seed1,attn_none,peer --budgets 1,2.5 --jobs 4 \
+		--winner current --headline_budget 2.5 --output bench/quality_gpu128.json
 
 gpu-check: $(STAMP)
 	$(PY) bench/gpu_check.py
