@@ -2,7 +2,8 @@
 """Time to realism: how close to real each generator recipe gets for a given amount of training compute.
 
 `make bench-quality` (or `python bench/quality.py --data_dir <prepared BUS-BRA> ...`). Phases, each resumable
-(rerun the same command and finished work is skipped):
+(rerun the same command and finished work is skipped; a recipe that fails does not stop the others, and the
+command exits 2 at the end naming what failed):
 
   train      every recipe is train_medsegdiff.py on the same prepared dataset (BUS-BRA at 64 px, patient-grouped
              official folds), from configs/busbra_evidence.yaml plus the recipe's flags, with a constant learning
@@ -120,11 +121,13 @@ def env(threads: int) -> dict[str, str]:
     return e
 
 
-def run_tasks(tasks: list[tuple[str, list[str], Path]], jobs: int, threads: int) -> None:
-    """Run (name, argv, log) tasks ``jobs`` at a time; one failure stops the rest after the running ones end."""
+def run_tasks(tasks: list[tuple[str, list[str], Path]], jobs: int, threads: int) -> list[str]:
+    """Run (name, argv, log) tasks ``jobs`` at a time; returns the names of those that failed. The tasks are
+    independent recipes or budgets, so one failure does not stop the others (nor, in main, the later phases for what
+    succeeded): on a lent GPU a broken recipe must not cost the rest their draws."""
     pending, running, failed = list(tasks), [], []
     while pending or running:
-        while pending and len(running) < jobs and not failed:
+        while pending and len(running) < jobs:
             name, argv, log = pending.pop(0)
             log.parent.mkdir(parents=True, exist_ok=True)
             print(f"[{time.strftime('%H:%M:%S')}] start {name}: {' '.join(argv)}", flush=True)
@@ -142,10 +145,7 @@ def run_tasks(tasks: list[tuple[str, list[str], Path]], jobs: int, threads: int)
                   f"(log: {log})", flush=True)
             if proc.returncode:
                 failed.append(name)
-        if failed and not running:
-            break
-    if failed:
-        raise UserError(f"failed: {', '.join(failed)} (see their logs under the work folder); rerun to resume")
+    return failed
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -192,7 +192,7 @@ def oversubscription(jobs: int, threads: int, cores: int | None) -> str:
     return ""
 
 
-def train(args, s: Setup, recipes: Sequence[str], budgets: Sequence[float]) -> None:
+def train(args, s: Setup, recipes: Sequence[str], budgets: Sequence[float]) -> list[str]:
     tasks = []
     for r in recipes:
         if all(s.snapshot(r, b).is_file() for b in budgets):
@@ -201,7 +201,7 @@ def train(args, s: Setup, recipes: Sequence[str], budgets: Sequence[float]) -> N
     warning = "" if s.on_gpu else oversubscription(min(args.jobs, len(tasks)), s.threads, os.cpu_count())
     if warning:
         print(warning, flush=True)
-    run_tasks(tasks, args.jobs, s.threads)
+    return run_tasks(tasks, args.jobs, s.threads)
 
 
 # ---------------------------------------------------------------------------------------------- evaluate
@@ -385,7 +385,7 @@ def evaluate_one(s: Setup, recipe: str, minutes: float, ema: str, sampler: str =
     return res
 
 
-def compare_samplers(args, s: Setup, recipe: str, minutes: float, specs: Sequence[str]) -> None:
+def compare_samplers(args, s: Setup, recipe: str, minutes: float, specs: Sequence[str]) -> list[str]:
     """The same snapshot drawn with each sampler variant at the same N (so their KIDs compare)."""
     real_reference(s)
     tasks = []
@@ -399,7 +399,7 @@ def compare_samplers(args, s: Setup, recipe: str, minutes: float, specs: Sequenc
         tasks.append((f"sampler {spec} on {recipe} {minutes:g} min", eval_argv(args, s, recipe, minutes,
                                                                                 EMA_VARIANTS[0], spec),
                       s.work / "logs" / f"sampler_{recipe}_min{minutes:g}_{spec.replace(':', '-')}.log"))
-    run_tasks(tasks, args.jobs, s.threads)
+    return run_tasks(tasks, args.jobs, s.threads)
 
 
 def extra_ema_skip(snap: Path, ema: str, ckpt: dict[str, Any] | None = None) -> str | None:
@@ -420,7 +420,7 @@ def eval_argv(args, s: Setup, recipe: str, minutes: float, ema: str, *extra: str
             str(s.threads), "--img_size", str(s.img_size), "--device", s.device] + (["--quick"] if s.quick else [])
 
 
-def evaluate(args, s: Setup, recipes: Sequence[str], budgets: Sequence[float], draw_only: bool = False) -> None:
+def evaluate(args, s: Setup, recipes: Sequence[str], budgets: Sequence[float], draw_only: bool = False) -> list[str]:
     """The evaluate phase (or, draw_only, the draw phase) over every recipe, budget and EMA length."""
     from common.checkpoint import load_checkpoint
     if not draw_only:
@@ -447,7 +447,7 @@ def evaluate(args, s: Setup, recipes: Sequence[str], budgets: Sequence[float], d
                 tasks.append((f"{'draw' if draw_only else 'evaluate'} {r} {b:g} min EMA {ema}",
                               eval_argv(args, s, r, b, ema, *(["--draw_only"] if draw_only else [])),
                               s.work / "logs" / f"{verb}_{r}_min{b:g}_ema{ema}.log"))
-    run_tasks(tasks, args.jobs, s.threads)
+    return run_tasks(tasks, args.jobs, s.threads)
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -487,19 +487,23 @@ def main(argv=None) -> int:
         args.output = str(s.work / "quality.json")
         args.headline_budget = budgets[-1]
         args.winner = args.winner or "edm"
+    failed: list[str] = []
     if "train" in phases:
         prepare(args, s)
-        train(args, s, recipes, budgets)
+        failed += train(args, s, recipes, budgets)
     elif (s.data_dir / "dataset.json").is_file():
         check_data_size(s)
     if "draw" in phases:
-        evaluate(args, s, recipes, budgets, draw_only=True)
+        failed += evaluate(args, s, recipes, budgets, draw_only=True)
     if "evaluate" in phases:
-        evaluate(args, s, recipes, budgets)
+        failed += evaluate(args, s, recipes, budgets)
     if "samplers" in phases:
-        compare_samplers(args, s, recipes[0], budgets[-1], args.samplers)
+        failed += compare_samplers(args, s, recipes[0], budgets[-1], args.samplers)
     if "report" in phases:
         report(args, s, recipes)
+    if failed:
+        raise UserError(f"failed: {', '.join(failed)} (see their logs under {s.work / 'logs'}); the rest ran; "
+                        "rerun to resume")
     return 0
 
 

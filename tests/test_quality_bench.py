@@ -73,6 +73,19 @@ def test_bad_input_is_one_line(tmp_path):
     assert res.returncode == 2 and "SAMPLER:STEPS:GUIDANCE" in res.stderr
 
 
+def test_a_failed_task_does_not_stop_the_others(tmp_path):
+    """Recipes are independent: one that fails (as the peer did on a lent GPU, at import) must not cost the others
+    their run; the failures are returned for main to report after the later phases."""
+    sys.path.insert(0, str(ROOT))
+    from bench import quality
+
+    ok = [sys.executable, "-c", f"open({str(tmp_path / 'ran')!r}, 'a').write('x')"]
+    bad = [sys.executable, "-c", "raise SystemExit(1)"]
+    failed = quality.run_tasks([("bad", bad, tmp_path / "bad.log"), ("ok 1", ok, tmp_path / "ok1.log"),
+                                ("ok 2", ok, tmp_path / "ok2.log")], jobs=1, threads=1)
+    assert failed == ["bad"] and (tmp_path / "ran").read_text() == "xx"
+
+
 def test_a_gpu_benchmark_trains_on_the_wall_clock_of_its_device(tmp_path):
     """On a GPU the CPU-minute clock does not see the work, so the budget is wall minutes there; the CPU benchmark
     keeps its CPU minutes; FLOPs are counted at the benchmark's image size."""
