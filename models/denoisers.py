@@ -12,6 +12,21 @@ import torch
 from torch import nn
 
 
+def diffusers_unet():
+    """diffusers' UNet2DModel class, or one clear line naming the broken install. (diffusers imports its optional
+    integrations lazily; with peft and an older transformers installed beside a newer huggingface-hub, importing the
+    model raises a RuntimeError about huggingface-hub's version — seen on a lent GPU machine.)"""
+    from common.errors import UserError
+    try:
+        from diffusers import UNet2DModel
+        return UNet2DModel
+    except (ImportError, RuntimeError) as exc:
+        last = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        cause = [ln for ln in str(exc).splitlines() if "is required" in ln]
+        raise UserError(f"diffusers' UNet2DModel (the peer network) cannot be imported: {(cause or [last])[0]} "
+                        "(install the versions in requirements.txt)") from None
+
+
 class UNet2DPeer(nn.Module):
     """diffusers ``UNet2DModel`` with a class embedding (one extra index = the null class)."""
 
@@ -19,7 +34,7 @@ class UNet2DPeer(nn.Module):
                  block_out_channels: tuple[int, ...] | list[int] = (32, 64, 64, 128), layers_per_block: int = 2,
                  attention_levels: tuple[int, ...] | list[int] = (3,), self_condition: bool = False):
         super().__init__()
-        from diffusers import UNet2DModel
+        UNet2DModel = diffusers_unet()
         chans = tuple(int(c) for c in block_out_channels)
         attn = set(int(a) for a in attention_levels)
         down = tuple("AttnDownBlock2D" if i in attn else "DownBlock2D" for i in range(len(chans)))

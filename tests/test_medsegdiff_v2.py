@@ -214,3 +214,28 @@ def test_bad_input_raises():
         model(torch.zeros(1, 2, 30, 30), torch.zeros(1), torch.zeros(1, dtype=torch.long))
     with pytest.raises(ValueError, match="timesteps"):
         model(torch.zeros(2, 2, 32, 32), torch.zeros(3), torch.zeros(2, dtype=torch.long))
+
+
+def test_a_broken_diffusers_install_is_one_line_not_a_traceback(monkeypatch):
+    """With peft and an older transformers beside a newer huggingface-hub (a lent GPU machine), importing diffusers'
+    UNet2DModel raises a RuntimeError deep in diffusers; the peer network says so in one line (UserError)."""
+    import sys
+    import types
+
+    import pytest
+
+    from common.errors import UserError
+    from models.denoisers import UNet2DPeer
+
+    broken = types.ModuleType("diffusers")
+
+    def missing(name):
+        raise RuntimeError("Failed to import diffusers.models.unets.unet_2d because of the following error:\n"
+                           "huggingface-hub>=1.5.0,<2.0 is required for a normal functioning of this module, but "
+                           "found huggingface-hub==2.4.0.\nTry: `pip install transformers -U`")
+    broken.__getattr__ = missing
+    monkeypatch.setitem(sys.modules, "diffusers", broken)
+    with pytest.raises(UserError) as err:
+        UNet2DPeer(img_size=32, block_out_channels=(8, 16))
+    msg = str(err.value)
+    assert "\n" not in msg and "huggingface-hub>=1.5.0,<2.0 is required" in msg and "requirements.txt" in msg
