@@ -171,7 +171,9 @@ def winner_comparison(table: dict[str, Any], winner: str, headline_budget: float
                                                          for px in sizes if px >= img_size}
         scaling["note"] = ("extrapolation of a power law fitted to the points above; GPU-hours assume the same "
                            "number of optimiser steps at each size, FLOPs per step growing with the pixel count, "
-                           "and an H100 at 30% of its dense bf16 peak")
+                           "and an H100 at 30% of its dense bf16 peak, an assumed throughput: a batch-16 recipe "
+                           "this small is host-bound on a GPU and far below it (the GPU run's "
+                           "train_flop_per_wall_s), so these GPU-hours are a lower bound")
     else:
         scaling["predicted_flops_to_floor"] = None
         scaling["note"] = ("fewer than three points: a line through two says nothing about the trend, so no "
