@@ -59,6 +59,8 @@ RECIPES: dict[str, Recipe] = {
     "selfcond": Recipe("self-conditioning (Analog Bits)", ["--self_condition"]),
     "mask_scaled": Recipe("mask channel as scaled analog bits (+-0.5)", ["--mask_scale", "0.5"]),
     "mask_sdf": Recipe("mask channel as a signed distance map (saturating at 8 px)", ["--mask_encoding", "sdf"]),
+    "mask_sdf_seed1": Recipe("the signed-distance mask again with training seed 1: whether its lesion-shape lead holds "
+                             "across seeds", ["--mask_encoding", "sdf", "--seed", "1"], repeats="mask_sdf"),
     "lr1e-3": Recipe("learning rate 1e-3 (baseline 5e-4): led at 15-30 min, behind from 60", ["--lr", "1e-3"]),
     "lr1e-3_sdf": Recipe("lr 1e-3 with the signed-distance mask (the 30-minute "
                          "leaders on KID and on lesion shape together)", ["--lr", "1e-3", "--mask_encoding", "sdf"]),
