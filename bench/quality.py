@@ -426,14 +426,16 @@ def evaluate(args, s: Setup, recipes: Sequence[str], budgets: Sequence[float], d
     if not draw_only:
         real_reference(s)   # the real features once, before the workers start
     emas = EMA_VARIANTS if args.ema_variants else EMA_VARIANTS[:1]
-    done = "draw.json" if draw_only else "metrics.json"
+    done, phase, log = ("draw.json", "draw", "draw") if draw_only else ("metrics.json", "evaluate", "eval")
+    extra = ["--draw_only"] if draw_only else []
     tasks = []
     loaded: dict[Path, dict[str, Any]] = {}
     for r in recipes:
         for b in budgets:
             for ema in emas:
-                drawn = (s.eval_dir(r, b, ema) / "draw.json").is_file()
-                if (s.eval_dir(r, b, ema) / done).is_file() or (not s.snapshot(r, b).is_file() and not drawn):
+                out = s.eval_dir(r, b, ema)
+                drawn = (out / "draw.json").is_file()
+                if (out / done).is_file() or (not s.snapshot(r, b).is_file() and not drawn):
                     continue
                 if ema != EMA_VARIANTS[0] and not drawn:
                     snap = s.snapshot(r, b)
@@ -443,10 +445,8 @@ def evaluate(args, s: Setup, recipes: Sequence[str], budgets: Sequence[float], d
                     if why:
                         print(f"skip {r} {b:g} min EMA {ema}: {why}", flush=True)
                         continue
-                verb = "draw" if draw_only else "eval"
-                tasks.append((f"{'draw' if draw_only else 'evaluate'} {r} {b:g} min EMA {ema}",
-                              eval_argv(args, s, r, b, ema, *(["--draw_only"] if draw_only else [])),
-                              s.work / "logs" / f"{verb}_{r}_min{b:g}_ema{ema}.log"))
+                tasks.append((f"{phase} {r} {b:g} min EMA {ema}", eval_argv(args, s, r, b, ema, *extra),
+                              s.work / "logs" / f"{log}_{r}_min{b:g}_ema{ema}.log"))
     return run_tasks(tasks, args.jobs, s.threads)
 
 

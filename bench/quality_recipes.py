@@ -16,7 +16,7 @@ from common.errors import UserError  # noqa: E402
 PRESET = "configs/busbra_evidence.yaml"
 # every recipe trains under the same loop settings: a constant learning rate (the budget, not a step count, ends a
 # run), validation only at the end, no sample grids, last.pth every 200 steps, two more EMA lengths; the budget's
-# clock (CPU minutes on the CPU, wall minutes on a GPU) is added by Setup.train_flags.
+# clock (CPU minutes on the CPU, wall minutes on a GPU) is added by Setup.bench_flags.
 # The EMA warm-up caps every decay at (1 + n) / (10 + n) after n steps, so a decay d only takes effect after
 # 9 / (1 - d) - 10 steps: 890 for 0.99, 1790 for 0.995, 8990 for the preset's 0.999. Decays above the cap at the
 # benchmark's step counts (0.998 and 0.9995 were tried first) give weights identical to the preset's, so the extra
