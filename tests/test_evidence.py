@@ -77,6 +77,9 @@ def test_dry_run_lists_every_task_once(tmp_path):
             for k in range(3)} <= set(segs)
     assert names.index("combine25") < names.index("seg_real25_synthetic_seed0")
     assert all(n.startswith("evaluate") for n in names[names.index("evaluate"):])
+    # every synthetic pair is drawn with the sampler the declared run names (DDIM 50), none with the script default
+    draws = [line for line in proc.stdout.splitlines() if line.startswith("generate")]
+    assert len(draws) == 3 and all("--sampler ddim --steps 50" in line for line in draws)
     assert not (tmp_path / "d").exists()                        # a dry run writes nothing
 
 
