@@ -215,6 +215,8 @@ class MaskConditionedSampler:
         import torch
         masks = np.stack([self.condition_mask(self.class_names[c], j, s)[0]
                           for c, s, j in zip(class_indices, seeds, candidates)])
-        known = torch.from_numpy(masks.astype(np.float32) * 2.0 - 1.0)[:, None]
+        # the given masks in the model's own mask encoding (+-mask_scale, or its signed distance map): a model
+        # trained on one encoding denoises a mask channel in that encoding, not a bare +-1
+        known = self.joint.diffusion.encode_masks(torch.from_numpy(masks)[:, None])
         images, drawn = self.joint.draw(class_indices, seeds, candidates, known=known)
         return images, drawn

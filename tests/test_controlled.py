@@ -151,6 +151,34 @@ def test_condition_masks_generation(ckpt, pairs16, tmp_path, capsys):
                                  "--min_lesion_area", "2"])
 
 
+@pytest.mark.parametrize("encoding,scale", [("binary", 1.0), ("binary", 0.5), ("sdf", 1.0)])
+def test_condition_masks_enter_in_the_models_mask_encoding(pairs16, encoding, scale):
+    """The given mask is handed to the sampler as the model was trained to see it: +-mask_scale, or the signed
+    distance map (fractional near the boundary), never a bare +-1 whatever the checkpoint's encoding."""
+    from models.diffusion import DiffusionConfig, JointDiffusion
+
+    class Joint:   # records what the conditioned sampler passes on
+        diffusion = JointDiffusion(DiffusionConfig(mask_encoding=encoding, mask_scale=scale, sdf_width=3.0))
+
+        def draw(self, class_indices, seeds, candidates, known=None):
+            self.known = known
+            return None, None
+
+    joint = Joint()
+    cond = load_condition_masks(pairs16, 16, ["benign", "malignant"])
+    sampler = MaskConditionedSampler(joint, ["benign", "malignant"], cond, MaskTransform(), 2)
+    sampler.draw([0, 1], [3, 4], [0, 1])
+    given = np.stack([sampler.condition_mask(lab, j, s)[0] for lab, j, s in (("benign", 0, 3), ("malignant", 1, 4))])
+    assert joint.known.shape == (2, 1, 16, 16) and joint.known.dtype == torch.float32
+    assert torch.equal(joint.known > 0, torch.from_numpy(given)[:, None])        # positive exactly inside
+    assert float(joint.known.abs().max()) == pytest.approx(scale)
+    values = set(joint.known.unique().tolist())
+    if encoding == "sdf":   # distances: more levels than two, fractional next to the boundary
+        assert len(values) > 2 and any(0 < abs(v) < 1 for v in values)
+    else:
+        assert values == {-scale, scale}
+
+
 def test_condition_flags_bad_input(ckpt, pairs16, tmp_path):
     with pytest.raises(UserError, match="give --condition_masks as well"):
         generate_synthetic.main(["--checkpoint_path", ckpt, "--mask_transform", "scale=2", "--output_dir",
