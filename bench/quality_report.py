@@ -221,6 +221,9 @@ def seed_spread(table: dict[str, Any]) -> dict[str, Any]:
             diff = abs(a["kid"] - b["kid"])
             entry = {"kid": [a["kid"], b["kid"]], "abs_difference": diff, "seed_sd_estimate": diff / math.sqrt(2),
                      "kid_subset_std": [a["kid_std"], b["kid_std"]], "steps": [a["steps"], b["steps"]]}
+            if a.get("morphology_w1") is not None and b.get("morphology_w1") is not None:
+                # lesion shape moves with the seed too: the yardstick for a recipe that wins on shape
+                entry["morphology_w1"] = [a["morphology_w1"], b["morphology_w1"]]
             if abs(a["steps"] - b["steps"]) > 0.05 * max(a["steps"], b["steps"]):
                 entry["note"] = ("the two seeds reached different step counts in the same budget (trained "
                                  "under different load), so the spread includes that difference too")
@@ -305,6 +308,8 @@ def markdown_table(res: dict[str, Any]) -> str:
             lines.append(f"\nSeed spread ({base}, {m} min): KID {v['kid'][0]:.4f} (seed 0, {v['steps'][0]} steps) vs "
                          f"{v['kid'][1]:.4f} (seed 1, {v['steps'][1]} steps), |difference| {v['abs_difference']:.4f}, "
                          f"against a KID subset std of ~{max(v['kid_subset_std']):.4f}"
+                         + (f"; lesion-shape W1 {v['morphology_w1'][0]:.3f} vs {v['morphology_w1'][1]:.3f}"
+                            if "morphology_w1" in v else "")
                          + (f"; {v['note']}." if "note" in v else "."))
     best = res.get("best_at_headline_budget")
     if best:

@@ -133,11 +133,11 @@ def test_an_extra_ema_equal_to_the_preset_ema_is_not_a_second_result(tmp_path):
     assert quality.extra_ema_skip(snap, "0.99") is None
 
 
-def metrics(path, minutes, kid, n, steps, sampler=None, ema="0.999"):
+def metrics(path, minutes, kid, n, steps, sampler=None, ema="0.999", w1=0.5):
     """One evaluation's metrics.json as the evaluate phase writes it."""
     path.mkdir(parents=True)
     rec = {"minutes": minutes, "ema": ema, "kid": kid, "kid_std": 0.002, "kid_floor": 0.0003,
-           "kid_floor_std": 0.0005, "fid": 90.0, "fid_floor": 28.5, "morphology_w1": 0.5,
+           "kid_floor_std": 0.0005, "fid": 90.0, "fid_floor": 28.5, "morphology_w1": w1,
            "morphology_w1_floor": 0.09, "nearest_train_ssim": 0.3, "nearest_train_ssim_floor": 0.3,
            "steps": steps, "train_cpu_s": 60.0 * minutes, "n": n, "per_class": {}, "sampling_seconds": 0.5 * n,
            "s_per_sample": 0.5}
@@ -186,7 +186,7 @@ def test_report_states_the_seed_spread_and_the_ema_lengths(tmp_path, capsys):
     work = tmp_path / "w"
     metrics(work / "eval" / "current" / "min30_ema0.999", 30, 0.0913, 500, 2200)
     metrics(work / "eval" / "current" / "min15_ema0.999", 15, 0.0966, 500, 1100)
-    metrics(work / "eval" / "current_seed1" / "min30_ema0.999", 30, 0.0950, 500, 2180)
+    metrics(work / "eval" / "current_seed1" / "min30_ema0.999", 30, 0.0950, 500, 2180, w1=0.45)
     metrics(work / "eval" / "current_seed1" / "min30_ema0.99", 30, 0.0990, 500, 2180, ema="0.99")
     metrics(work / "eval" / "attn_none" / "min30_ema0.999", 30, 0.0900, 500, 2200)
     args = argparse.Namespace(headline_budget=30.0, winner="", output=str(tmp_path / "q.json"))
@@ -196,12 +196,13 @@ def test_report_states_the_seed_spread_and_the_ema_lengths(tmp_path, capsys):
     assert list(spread) == ["30"]                      # 15 min: no second seed there
     assert abs(spread["30"]["abs_difference"] - 0.0037) < 1e-9 and spread["30"]["steps"] == [2200, 2180]
     assert abs(spread["30"]["seed_sd_estimate"] - 0.0037 / 2 ** 0.5) < 1e-9
+    assert spread["30"]["morphology_w1"] == [0.5, 0.45]        # the lesion-shape yardstick beside KID's
     best = res["best_at_headline_budget"]         # the lowest KID at 30 min leads current by 0.0013 < 0.0037
     assert best["recipe"] == "attn_none" and abs(best["kid_ratio_vs_current"] - 0.0900 / 0.0913) < 1e-12
     assert best["kid_ratio_vs_peer"] is None and best["lead_over_current_exceeds_seed_spread"] is False
     out = capsys.readouterr().out
     assert "| current_seed1, 30 min | 0.0950 ± 0.0020 | 0.0990 ± 0.0020 |  |" in out
-    assert "|difference| 0.0037" in out
+    assert "|difference| 0.0037" in out and "lesion-shape W1 0.500 vs 0.450" in out
 
 
 def test_the_train_phase_warns_when_the_jobs_oversubscribe_the_cores():
