@@ -45,6 +45,8 @@ RECIPES: dict[str, Recipe] = {
     "current_seed1": Recipe("the baseline again with training seed 1 (initialisation, data order, noise): how far "
                             "KID moves between seeds, the yardstick for every recipe's difference", ["--seed", "1"],
                             repeats="current"),
+    "current_seed2": Recipe("the baseline again with training seed 2: a third seed for the yardstick",
+                            ["--seed", "2"], repeats="current"),
     "peer": Recipe("diffusers UNet2DModel (24-48-48-96, attention at 8x8) at equal FLOPs per step, same loss and loop",
                    ["--arch", "UNet2DPeer", "--peer_channels", PEER_CHANNELS]),
     "edm": Recipe("EDM parameterisation: preconditioning, log-normal sigma, EDM loss weight; EDM DPM-Solver++",
@@ -61,6 +63,8 @@ RECIPES: dict[str, Recipe] = {
     "mask_sdf": Recipe("mask channel as a signed distance map (saturating at 8 px)", ["--mask_encoding", "sdf"]),
     "mask_sdf_seed1": Recipe("the signed-distance mask again with training seed 1: whether its lesion-shape lead holds "
                              "across seeds", ["--mask_encoding", "sdf", "--seed", "1"], repeats="mask_sdf"),
+    "mask_sdf_seed2": Recipe("the signed-distance mask again with training seed 2", ["--mask_encoding", "sdf",
+                             "--seed", "2"], repeats="mask_sdf"),
     "lr1e-3": Recipe("learning rate 1e-3 (baseline 5e-4): led at 15-30 min, behind from 60", ["--lr", "1e-3"]),
     "lr1e-3_sdf": Recipe("lr 1e-3 with the signed-distance mask (the 30-minute "
                          "leaders on KID and on lesion shape together)", ["--lr", "1e-3", "--mask_encoding", "sdf"]),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -205,28 +206,33 @@ def sampler_groups(s: Setup, recipes: Sequence[str], results: dict[str, Any]) ->
 
 
 def seed_spread(table: dict[str, Any]) -> dict[str, Any]:
-    """How far KID moves when only the training seed changes, per budget where both seeds were evaluated.
+    """How far KID moves when only the training seed changes: per base recipe and budget where two or more of its
+    seeds (the recipe and those that ``repeats`` it) were evaluated.
 
-    With two seeds the spread |a - b| estimates the seed-to-seed standard deviation as |a - b| / sqrt(2) (one degree
-    of freedom: a rough yardstick, not an interval). A difference between two recipes that is not clearly larger than
-    the spread is not evidence that one recipe is better."""
-    out = {}
-    for twin, base in ((name, r.repeats) for name, r in RECIPES.items() if r.repeats):
-        if twin not in table or base not in table:
-            continue
-        for m, b in curve(table[twin]):
-            a = at_budget(table[base], m)
-            if a is None:
+    ``kid_range`` is max - min over the seeds (with two seeds |a - b|); ``seed_sd_estimate`` their sample standard
+    deviation (n - 1 degrees of freedom: a rough yardstick, not an interval). A difference between two recipes that
+    is not clearly larger than the range is not evidence that one recipe is better."""
+    out: dict[str, Any] = {}
+    bases = sorted({r.repeats for r in RECIPES.values() if r.repeats})
+    for base in bases:
+        seeds = [base] + [name for name, r in RECIPES.items() if r.repeats == base]
+        budgets = sorted({m for name in seeds if name in table for m, _ in curve(table[name])})
+        for m in budgets:
+            at = [(name, at_budget(table[name], m)) for name in seeds if name in table]
+            at = [(name, e) for name, e in at if e is not None]
+            if len(at) < 2 or at[0][0] != base:
                 continue
-            diff = abs(a["kid"] - b["kid"])
-            entry = {"kid": [a["kid"], b["kid"]], "abs_difference": diff, "seed_sd_estimate": diff / math.sqrt(2),
-                     "kid_subset_std": [a["kid_std"], b["kid_std"]], "steps": [a["steps"], b["steps"]]}
-            if a.get("morphology_w1") is not None and b.get("morphology_w1") is not None:
+            kids = [e["kid"] for _, e in at]
+            steps = [e["steps"] for _, e in at]
+            entry = {"recipes": [name for name, _ in at], "kid": kids, "kid_range": max(kids) - min(kids),
+                     "seed_sd_estimate": statistics.stdev(kids), "kid_subset_std": [e["kid_std"] for _, e in at],
+                     "steps": steps}
+            if all(e.get("morphology_w1") is not None for _, e in at):
                 # lesion shape moves with the seed too: the yardstick for a recipe that wins on shape
-                entry["morphology_w1"] = [a["morphology_w1"], b["morphology_w1"]]
-            if abs(a["steps"] - b["steps"]) > 0.05 * max(a["steps"], b["steps"]):
-                entry["note"] = ("the two seeds reached different step counts in the same budget (trained "
-                                 "under different load), so the spread includes that difference too")
+                entry["morphology_w1"] = [e["morphology_w1"] for _, e in at]
+            if max(steps) - min(steps) > 0.05 * max(steps):
+                entry["note"] = ("the seeds reached different step counts in the same budget (trained under "
+                                 "different load), so the spread includes that difference too")
             out.setdefault(base, {})[f"{m:g}"] = entry
     return out
 
@@ -242,7 +248,7 @@ def best_at_budget(table: dict[str, Any], minutes: float, spread: dict[str, Any]
                            "recipes_at_this_budget": sorted(at)}
     for other in ("current", "peer"):
         out[f"kid_ratio_vs_{other}"] = at[name]["kid"] / at[other]["kid"] if other in at else None
-    diffs = [v["abs_difference"] for by in spread.values() for v in by.values()]
+    diffs = [v["kid_range"] for by in spread.values() for v in by.values()]
     if diffs and "current" in at:
         lead = at["current"]["kid"] - at[name]["kid"]
         out["largest_seed_spread"] = max(diffs)
@@ -305,10 +311,10 @@ def markdown_table(res: dict[str, Any]) -> str:
                 f"{v[e]['kid']:.4f} ± {v[e]['kid_std']:.4f}" if e in v else "" for e in EMA_VARIANTS) + " |")
     for base, by_budget in res.get("seed_spread", {}).items():
         for m, v in by_budget.items():
-            lines.append(f"\nSeed spread ({base}, {m} min): KID {v['kid'][0]:.4f} (seed 0, {v['steps'][0]} steps) vs "
-                         f"{v['kid'][1]:.4f} (seed 1, {v['steps'][1]} steps), |difference| {v['abs_difference']:.4f}, "
+            each = ", ".join(f"{k:.4f} ({name}, {n} steps)" for name, k, n in zip(v["recipes"], v["kid"], v["steps"]))
+            lines.append(f"\nSeed spread ({base}, {m} min): KID {each}; range {v['kid_range']:.4f}, "
                          f"against a KID subset std of ~{max(v['kid_subset_std']):.4f}"
-                         + (f"; lesion-shape W1 {v['morphology_w1'][0]:.3f} vs {v['morphology_w1'][1]:.3f}"
+                         + ("; lesion-shape W1 " + ", ".join(f"{w:.3f}" for w in v["morphology_w1"])
                             if "morphology_w1" in v else "")
                          + (f"; {v['note']}." if "note" in v else "."))
     best = res.get("best_at_headline_budget")
