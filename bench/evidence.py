@@ -340,8 +340,8 @@ def generator_record(run_dir: Path, ckpt: Path | None) -> dict[str, object]:
         out["config"] = {k: c.get(k) for k in ("img_size", "train_batch_size", "learning_rate", "lr_scheduler",
                                                "arch", "model_channels", "channel_mult", "patch_size",
                                                "parameterization", "prediction_type", "snr_gamma", "self_condition",
-                                               "mask_encoding", "mask_scale", "budget_minutes", "data_dir",
-                                               "resolved_precision", "device_resolved") if k in c}
+                                               "mask_encoding", "mask_scale", "sdf_width", "budget_minutes",
+                                               "data_dir", "resolved_precision", "device_resolved") if k in c}
     if ckpt is not None and ckpt.is_file():
         from common.checkpoint import load_checkpoint
         ck = load_checkpoint(ckpt, expect_kind="diffusion")

@@ -103,6 +103,30 @@ def test_a_gpu_benchmark_trains_on_the_wall_clock_of_its_device(tmp_path):
     assert 3.9 < recipe_step_flops(gpu, "current") / recipe_step_flops(cpu, "current") < 4.1
 
 
+def test_recipes_resolve_to_the_benchmarked_baseline_whatever_the_preset_became(tmp_path):
+    """The preset has since taken the signed-distance mask; the committed rows were trained with the binary mask, so
+    rerunning `current` (or any recipe that does not name the mask) must still train the binary one."""
+    sys.path.insert(0, str(ROOT))
+    from bench.quality_recipes import PRESET, RECIPES, Setup
+    from common.cli import config_from_flags
+    from training.config import DiffusionTrainConfig
+
+    s = Setup(tmp_path, tmp_path, 500, False, 1)
+
+    def resolved(*flags):
+        return config_from_flags(DiffusionTrainConfig, ["--config", str(ROOT / PRESET), *flags]).diffusion
+
+    assert resolved().mask_encoding == "sdf"                        # the preset itself
+    for name in ("current", "current_seed1", "current_seed2", "attn_none", "peer", "mask_scaled", "lr1e-3"):
+        d = resolved(*s.recipe_flags(name))
+        assert d.mask_encoding == "binary", name
+    assert resolved(*s.recipe_flags("mask_scaled")).mask_scale == 0.5
+    for name in ("mask_sdf", "mask_sdf_seed1", "mask_sdf_seed2", "lr1e-3_sdf"):
+        d = resolved(*s.recipe_flags(name))
+        assert d.mask_encoding == "sdf" and d.sdf_width == 8.0, name
+    assert set(RECIPES) >= {"current_seed2", "mask_sdf_seed2"}
+
+
 def test_an_extra_ema_equal_to_the_preset_ema_is_not_a_second_result(tmp_path):
     """Under the warm-up cap, decays 0.999 and 0.998 are the same weights until step 4490: the benchmark must not
     evaluate and report them as two EMA lengths; a decay the cap lets through (0.99 after 890 steps) differs."""
