@@ -33,6 +33,9 @@ def test_quick_evidence_runs_every_phase(tmp_path):
         assert arm["n_runs"] == 2 and arm["n_test_images"] == 4      # the fixture's official test fold
         assert 0.0 <= arm["dice"]["ci_low"] <= arm["dice"]["mean"] <= arm["dice"]["ci_high"] <= 1.0
     assert s["best_non_synthetic_arm_by_validation_dice"] in ("real", "real_strong")
+    # the declared generator: the evidence preset's signed-distance mask, recorded with the run
+    assert all(g["config"]["mask_encoding"] == "sdf" and g["config"]["sdf_width"] == 8.0
+               for g in s["generators"].values()) and len(s["generators"]) == 2
     assert len(s["comparisons"]) == 6     # 4 full-data arms and 2 half-data arms against their regime's best
     # issue 17's fields: per comparison ci_method, primary, p_holm and per-class Dice; a plan_targets table
     assert s["primary_endpoint"]["comparison"] == f"synthetic - {s['best_non_synthetic_arm_by_validation_dice']}"
