@@ -214,13 +214,11 @@ def seed_spread(table: dict[str, Any]) -> dict[str, Any]:
     is not clearly larger than the range is not evidence that one recipe is better."""
     out: dict[str, Any] = {}
     bases = sorted({r.repeats for r in RECIPES.values() if r.repeats})
-    for base in bases:
-        seeds = [base] + [name for name, r in RECIPES.items() if r.repeats == base]
-        budgets = sorted({m for name in seeds if name in table for m, _ in curve(table[name])})
-        for m in budgets:
-            at = [(name, at_budget(table[name], m)) for name in seeds if name in table]
-            at = [(name, e) for name, e in at if e is not None]
-            if len(at) < 2 or at[0][0] != base:
+    for base in (b for b in bases if b in table):
+        seeds = [base] + [name for name, r in RECIPES.items() if r.repeats == base and name in table]
+        for m, _ in curve(table[base]):   # the budgets the base seed was evaluated at
+            at = [(name, e) for name, e in ((name, at_budget(table[name], m)) for name in seeds) if e is not None]
+            if len(at) < 2:
                 continue
             kids = [e["kid"] for _, e in at]
             steps = [e["steps"] for _, e in at]
