@@ -84,9 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads_per_job", type=positive_int, default=1, help="CPU threads of each")
     p.add_argument("--n_samples", type=positive_int, default=500,
                    help="synthetic pairs per evaluation, in the real training split's class proportions")
-    p.add_argument("--ema_variants", action="store_true",
-                   help="also evaluate the two extra EMA lengths of each snapshot (a length whose weights equal the "
-                        "preset's EMA at that step count, because the warm-up cap binds, is skipped with a note)")
+    p.add_argument("--ema_variants", nargs="?", type=csv_list, const=list(EMA_VARIANTS[1:]), default=[],
+                   metavar="NAMES",
+                   help="also evaluate other EMA lengths of each snapshot: alone, every one the benchmark tracks "
+                        f"({', '.join(EMA_VARIANTS[1:])}); or a comma list of them. A length absent from a snapshot, "
+                        "or whose weights equal the preset's EMA there (the warm-up cap binds), is skipped with a "
+                        "note")
     p.add_argument("--winner", default=None, help="recipe whose budgets make the scaling fit (report phase)")
     p.add_argument("--headline_budget", type=float, default=60.0,
                    help="minutes at which the winner is compared with current and peer (report phase)")
@@ -425,7 +428,7 @@ def evaluate(args, s: Setup, recipes: Sequence[str], budgets: Sequence[float], d
     from common.checkpoint import load_checkpoint
     if not draw_only:
         real_reference(s)   # the real features once, before the workers start
-    emas = EMA_VARIANTS if args.ema_variants else EMA_VARIANTS[:1]
+    emas = [EMA_VARIANTS[0], *args.ema_variants]
     done, phase, log = ("draw.json", "draw", "draw") if draw_only else ("metrics.json", "evaluate", "eval")
     extra = ["--draw_only"] if draw_only else []
     tasks = []
@@ -465,6 +468,9 @@ def main(argv=None) -> int:
     known = QUICK_RECIPES if args.quick else RECIPES
     recipes = list(known) if (args.quick and args.recipes == ["current", "peer"]) or args.recipes == ["all"] \
         else args.recipes
+    bad_ema = [e for e in args.ema_variants if e not in EMA_VARIANTS[1:]]
+    if bad_ema:
+        raise UserError(f"--ema_variants: unknown {', '.join(bad_ema)} (known: {', '.join(EMA_VARIANTS[1:])})")
     bad = [r for r in recipes if r not in known]
     if bad:
         raise UserError(f"--recipes: unknown {', '.join(bad)} (known: {', '.join(known)}; see --list)")

@@ -301,12 +301,13 @@ def markdown_table(res: dict[str, Any]) -> str:
                                                      for c in cells) + " |")
     extra = [(name, m, v) for name, rec in sorted(res["recipes"].items())
              for m, v in sorted(rec["by_budget"].items(), key=lambda kv: float(kv[0])) if len(v) > 1]
-    if extra:   # the EMA lengths evaluated on the same snapshot
-        lines += ["", "| recipe, budget | " + " | ".join(f"EMA {e}" for e in EMA_VARIANTS) + " |",
-                  "|---|" + "---|" * len(EMA_VARIANTS)]
+    if extra:   # the EMA lengths evaluated on the same snapshot (a column for each length evaluated anywhere)
+        emas = [e for e in EMA_VARIANTS if any(e in v for _, _, v in extra)]
+        lines += ["", "| recipe, budget | " + " | ".join(f"EMA {e}" for e in emas) + " |",
+                  "|---|" + "---|" * len(emas)]
         for name, m, v in extra:
             lines.append(f"| {name}, {m} min | " + " | ".join(
-                f"{v[e]['kid']:.4f} ± {v[e]['kid_std']:.4f}" if e in v else "" for e in EMA_VARIANTS) + " |")
+                f"{v[e]['kid']:.4f} ± {v[e]['kid_std']:.4f}" if e in v else "" for e in emas) + " |")
     for base, by_budget in res.get("seed_spread", {}).items():
         for m, v in by_budget.items():
             each = ", ".join(f"{k:.4f} ({name}, {n} steps)" for name, k, n in zip(v["recipes"], v["kid"], v["steps"]))

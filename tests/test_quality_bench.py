@@ -212,6 +212,7 @@ def test_report_states_the_seed_spread_and_the_ema_lengths(tmp_path, capsys):
     metrics(work / "eval" / "current" / "min15_ema0.999", 15, 0.0966, 500, 1100)
     metrics(work / "eval" / "current_seed1" / "min30_ema0.999", 30, 0.0950, 500, 2180, w1=0.45)
     metrics(work / "eval" / "current_seed1" / "min30_ema0.99", 30, 0.0990, 500, 2180, ema="0.99")
+    metrics(work / "eval" / "current_seed1" / "min30_emastd0.15", 30, 0.0890, 500, 2180, ema="std0.15")
     metrics(work / "eval" / "current_seed2" / "min30_ema0.999", 30, 0.0930, 500, 2190, w1=0.48)
     metrics(work / "eval" / "attn_none" / "min30_ema0.999", 30, 0.0900, 500, 2200)
     args = argparse.Namespace(headline_budget=30.0, winner="", output=str(tmp_path / "q.json"))
@@ -229,7 +230,9 @@ def test_report_states_the_seed_spread_and_the_ema_lengths(tmp_path, capsys):
     assert best["recipe"] == "attn_none" and abs(best["kid_ratio_vs_current"] - 0.0900 / 0.0913) < 1e-12
     assert best["kid_ratio_vs_peer"] is None and best["lead_over_current_exceeds_seed_spread"] is False
     out = capsys.readouterr().out
-    assert "| current_seed1, 30 min | 0.0950 ± 0.0020 | 0.0990 ± 0.0020 |  |" in out
+    # a column for each EMA length evaluated anywhere (a power-function EMA here), none for the others
+    assert "| recipe, budget | EMA 0.999 | EMA 0.99 | EMA std0.15 |" in out
+    assert "| current_seed1, 30 min | 0.0950 ± 0.0020 | 0.0990 ± 0.0020 | 0.0890 ± 0.0020 |" in out
     assert "range 0.0037" in out and "lesion-shape W1 0.500, 0.450, 0.480" in out
 
 

@@ -73,7 +73,8 @@ def test_artifacts_and_checkpoint_roundtrip(data16, tmp_path):
 
 
 def test_resume_equals_uninterrupted(data16, tmp_path):
-    common = ["--data_dir", data16, "--max_steps", "8", "--save_every", "4", *TINY_MODEL]
+    common = ["--data_dir", data16, "--max_steps", "8", "--save_every", "4", *TINY_MODEL,
+              "--extra_ema_decays", "0.5", "--extra_ema_stds", "0.1"]
     train(["--output_dir", str(tmp_path / "a"), *common])
     train(["--output_dir", str(tmp_path / "b"), *common, "--stop_after_steps", "3"])
     mid = load_checkpoint(tmp_path / "b" / "last.pth")
@@ -86,6 +87,13 @@ def test_resume_equals_uninterrupted(data16, tmp_path):
     for key in ("model", "ema"):
         for name, tensor in a[key].items():
             assert torch.equal(tensor, b[key][name]), f"{key}.{name} differs after resume"
+    # the extra EMAs (a fixed decay and a power-function one) continue too: their update counts travel
+    assert set(a["extra_emas"]) == {"0.5", "std0.1"}
+    for k, state in a["extra_emas"].items():
+        assert state["num_updates"] == b["extra_emas"][k]["num_updates"] == 8
+        for name, tensor in state["module"].items():
+            assert torch.equal(tensor, b["extra_emas"][k]["module"][name]), f"EMA {k}.{name} differs after resume"
+    assert not torch.equal(a["extra_emas"]["std0.1"]["module"][name], a["ema"][name])
     assert "resumed from" in (tmp_path / "b" / "log.txt").read_text()
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from common.options import option
 from models.diffusion import DiffusionConfig
+from training.ema import MAX_POWER_STD
 
 SEED_MAX = 2**31 - 1
 LR_SCHEDULERS = ("cosine", "constant_with_warmup", "linear")
@@ -116,6 +117,10 @@ class DiffusionOptim(OptimConfig):
     extra_ema_decays: list[float] = option([], "more EMA decays tracked beside ema_decay, saved in snapshots: "
                                            "compares EMA lengths without training again", low=0, high=1,
                                            high_open=True)
+    extra_ema_stds: list[float] = option([], "power-function EMAs (Karras et al. 2024, EDM2) of these relative "
+                                         "widths sigma_rel tracked beside ema_decay, saved in snapshots as "
+                                         "'std<width>', e.g. 0.05,0.1,0.2", low=0, high=MAX_POWER_STD,
+                                         low_open=True)
     cfg_dropout: float = option(0.1, "probability of replacing the class by the null class (classifier-free "
                                 "guidance)", low=0, high=1, high_open=True)
 

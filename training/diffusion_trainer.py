@@ -26,7 +26,7 @@ from data.pairs import LABELS, dataset_fingerprint, open_pair_dataset
 from models.denoisers import build_denoiser
 from models.diffusion import JointDiffusion, model_space_to_images
 from training.config import DIFFUSION_RESUMABLE, DiffusionTrainConfig
-from training.ema import EMA, warmup_note
+from training.ema import EMA, PowerEMA, warmup_note
 from training.harness import Harness
 
 
@@ -129,7 +129,8 @@ class DiffusionTrainer(Harness):
         self.n_params = sum(p.numel() for p in model.parameters())
         self.ema = EMA(model, decay=cfg.optim.ema_decay)
         # more EMA lengths tracked side by side (cheap: one lerp per step), saved in snapshots and checkpoints
-        self.extra_emas = {f"{d:g}": EMA(model, decay=d) for d in cfg.optim.extra_ema_decays}
+        self.extra_emas = {**{f"{d:g}": EMA(model, decay=d) for d in cfg.optim.extra_ema_decays},
+                           **{f"std{w:g}": PowerEMA(model, std=w) for w in cfg.optim.extra_ema_stds}}
         self.setup_optimisation(model, len(self.train))
         self.q_sum = torch.zeros(4, device=device)   # loss per noise-level quartile since the last record
         self.q_cnt = torch.zeros(4, device=device)
