@@ -316,7 +316,7 @@ def draw_one(s: Setup, recipe: str, minutes: float, ema: str, sampler: str = "")
     drawn = sum(summary.get("drawn_this_run", {}).values())
     res = {"recipe": recipe, "minutes": minutes, "ema": ema, "checkpoint": str(ckpt_path), "device": s.device,
            "img_size": s.img_size, "steps": int(ckpt["step"]), "train_cpu_s": float(ckpt.get("train_cpu_s", 0.0)),
-           "train_wall_s": float(ckpt.get("train_wall_s", 0.0)),
+           "train_wall_s": float(ckpt.get("train_wall_s", 0.0)), "train_machine": ckpt.get("train_machine"),
            "parameters": sum(v.numel() for v in ckpt["ema"].values()), "counts": counts,
            "rejected": summary.get("rejected_this_run"), "sampling_seconds": sampling_s,
            "loop_seconds": summary.get("sampling_seconds"),

@@ -113,6 +113,14 @@ def recipe_table(results: dict[str, Any], flops: dict[str, int], headline_budget
                                               if rec.get("train_wall_s") else None)
             entry["flops"] = flops[r] * rec["steps"]
             entry["step_flops"] = flops[r]
+            # the conditions it trained under: CPU seconds per step (what a CPU-minute bought), the share of the wall
+            # clock it got a core (below 1 for a one-thread job: more runnable work than cores), and where the run
+            # recorded them, the mean load average and matmul speed of its log records
+            entry["cpu_s_per_step"] = rec["train_cpu_s"] / rec["steps"] if rec["steps"] else None
+            entry["cpu_share"] = rec["train_cpu_s"] / rec["train_wall_s"] if rec.get("train_wall_s") else None
+            machine = rec.get("train_machine") or {}
+            entry["train_load_1min_mean"] = machine.get("load_1min_mean")
+            entry["train_probe_gflops_mean"] = machine.get("probe_gflops_mean")
             by_budget.setdefault(f"{rec['minutes']:g}", {})[rec["ema"]] = entry
         cands = [float(m) for m, v in by_budget.items() if primary in v and float(m) <= headline_budget]
         best_m = max(cands) if cands else max(float(m) for m in by_budget)
@@ -283,14 +291,16 @@ def plot(res: dict[str, Any], path: Path) -> None:
 
 def markdown_table(res: dict[str, Any]) -> str:
     lines = ["| recipe | minutes | steps | KID ± std | KID / floor | FID (floor) | morphology W1 (floor) | "
-             "nearest SSIM (floor) |", "|---|---|---|---|---|---|---|---|"]
+             "nearest SSIM (floor) | CPU s / step (share of wall) |", "|---|---|---|---|---|---|---|---|---|"]
     floor = res["kid_floor"]
     for name, rec in sorted(res["recipes"].items(), key=lambda kv: kv[1]["kid"]):
         ratio = rec["kid"] / floor if floor and floor > 0 else float("nan")
+        cond = (f"{rec['cpu_s_per_step']:.3f}" if rec.get("cpu_s_per_step") else "") + \
+            (f" ({rec['cpu_share']:.2f})" if rec.get("cpu_share") else "")
         lines.append(f"| {name} | {rec['budget_minutes']:g} | {rec['steps']} | {rec['kid']:.4f} ± {rec['kid_std']:.4f}"
                      f" | {ratio:.0f}x | {rec['fid']:.1f} ({rec['fid_floor']:.1f}) | {rec['morphology_w1']:.3f} "
                      f"({rec['morphology_w1_floor']:.3f}) | {rec['nearest_train_ssim']:.3f} "
-                     f"({rec['nearest_train_ssim_floor']:.3f}) |")
+                     f"({rec['nearest_train_ssim_floor']:.3f}) | {cond} |")
     budgets = sorted({float(m) for rec in res["recipes"].values() for m in rec["by_budget"]})
     if len(budgets) > 1:   # KID of every recipe at every budget it reached (the preset's EMA)
         lines += ["", "| recipe | " + " | ".join(f"{m:g} min" for m in budgets) + " |",

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import pytest
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,14 +158,14 @@ def test_an_extra_ema_equal_to_the_preset_ema_is_not_a_second_result(tmp_path):
     assert quality.extra_ema_skip(snap, "0.99") is None
 
 
-def metrics(path, minutes, kid, n, steps, sampler=None, ema="0.999", w1=0.5):
+def metrics(path, minutes, kid, n, steps, sampler=None, ema="0.999", w1=0.5, wall_s=None, machine=None):
     """One evaluation's metrics.json as the evaluate phase writes it."""
     path.mkdir(parents=True)
     rec = {"minutes": minutes, "ema": ema, "kid": kid, "kid_std": 0.002, "kid_floor": 0.0003,
            "kid_floor_std": 0.0005, "fid": 90.0, "fid_floor": 28.5, "morphology_w1": w1,
            "morphology_w1_floor": 0.09, "nearest_train_ssim": 0.3, "nearest_train_ssim_floor": 0.3,
            "steps": steps, "train_cpu_s": 60.0 * minutes, "n": n, "per_class": {}, "sampling_seconds": 0.5 * n,
-           "s_per_sample": 0.5}
+           "s_per_sample": 0.5, "train_wall_s": wall_s, "train_machine": machine}
     if sampler:
         rec["sampler"] = sampler
     (path / "metrics.json").write_text(json.dumps(rec))
@@ -214,7 +215,8 @@ def test_report_states_the_seed_spread_and_the_ema_lengths(tmp_path, capsys):
     metrics(work / "eval" / "current_seed1" / "min30_ema0.99", 30, 0.0990, 500, 2180, ema="0.99")
     metrics(work / "eval" / "current_seed1" / "min30_emastd0.15", 30, 0.0890, 500, 2180, ema="std0.15")
     metrics(work / "eval" / "current_seed2" / "min30_ema0.999", 30, 0.0930, 500, 2190, w1=0.48)
-    metrics(work / "eval" / "attn_none" / "min30_ema0.999", 30, 0.0900, 500, 2200)
+    metrics(work / "eval" / "attn_none" / "min30_ema0.999", 30, 0.0900, 500, 2200, wall_s=3600.0,
+            machine={"load_1min_mean": 2.1, "probe_gflops_mean": 160.0, "samples": 44})
     args = argparse.Namespace(headline_budget=30.0, winner="", output=str(tmp_path / "q.json"))
     res = quality.report(args, quality.Setup(tmp_path / "data", work, 500, False, 1),
                          ["current", "current_seed1", "current_seed2", "attn_none"])
@@ -229,11 +231,18 @@ def test_report_states_the_seed_spread_and_the_ema_lengths(tmp_path, capsys):
     best = res["best_at_headline_budget"]         # the lowest KID at 30 min leads current by 0.0013 < 0.0037
     assert best["recipe"] == "attn_none" and abs(best["kid_ratio_vs_current"] - 0.0900 / 0.0913) < 1e-12
     assert best["kid_ratio_vs_peer"] is None and best["lead_over_current_exceeds_seed_spread"] is False
+    # the conditions each evaluation trained under: CPU seconds per step, share of the wall clock, recorded load
+    head = res["recipes"]["attn_none"]
+    assert head["cpu_s_per_step"] == pytest.approx(1800.0 / 2200) and head["cpu_share"] == pytest.approx(0.5)
+    assert head["train_load_1min_mean"] == 2.1 and head["train_probe_gflops_mean"] == 160.0
+    old_run = res["recipes"]["current"]             # runs from before the machine log: the share is unknown, not 0
+    assert old_run["cpu_share"] is None and old_run["train_load_1min_mean"] is None
     out = capsys.readouterr().out
     # a column for each EMA length evaluated anywhere (a power-function EMA here), none for the others
     assert "| recipe, budget | EMA 0.999 | EMA 0.99 | EMA std0.15 |" in out
     assert "| current_seed1, 30 min | 0.0950 ± 0.0020 | 0.0990 ± 0.0020 | 0.0890 ± 0.0020 |" in out
     assert "range 0.0037" in out and "lesion-shape W1 0.500, 0.450, 0.480" in out
+    assert "| attn_none | 30 | 2200 | 0.0900 ± 0.0020 |" in out and "| 0.818 (0.50) |" in out
 
 
 def test_the_train_phase_warns_when_the_jobs_oversubscribe_the_cores():

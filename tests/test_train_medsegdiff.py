@@ -55,7 +55,8 @@ def test_artifacts_and_checkpoint_roundtrip(data16, tmp_path):
     stats = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
     train_recs = [s for s in stats if "loss" in s]
     assert [s["step"] for s in train_recs] == [2, 3, 4, 6]  # every log_every and at each save
-    for key in ("loss_t_q1", "loss_t_q4", "lr", "s_per_step", "img_per_s", "loss_mask", "loss_anchor"):
+    for key in ("loss_t_q1", "loss_t_q4", "lr", "s_per_step", "img_per_s", "loss_mask", "loss_anchor", "load_1min",
+                "probe_gflops"):
         assert key in train_recs[0]
     assert any("val_loss" in s for s in stats)
     # 6 steps never reach the default EMA decay: the start line says what the run's EMA really is
@@ -64,6 +65,12 @@ def test_artifacts_and_checkpoint_roundtrip(data16, tmp_path):
     model, diffusion, ckpt = load_diffusion_checkpoint(out / "best_model.pth")
     raw = torch.load(out / "best_model.pth", weights_only=True)
     assert ckpt["model_class"] == "MedSegDiffV2" and ckpt["class_names"] == ["benign", "malignant"]
+    # the machine's state over the run: one sample per log record, averaged (best_model.pth is written by the last
+    # step's validation, before that step's record; last.pth after it)
+    assert load_checkpoint(out / "last.pth")["machine"]["counts"]["probe_gflops"] == len(train_recs)
+    machine = raw["train_machine"]
+    assert machine["samples"] == len(train_recs) - 1
+    assert machine["probe_gflops_mean"] == pytest.approx(sum(r["probe_gflops"] for r in train_recs[:-1]) / 3)
     for k, v in model.state_dict().items():
         assert torch.equal(v, raw["ema"][k])
     assert diffusion.config.prediction_type == "epsilon"

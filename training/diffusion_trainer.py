@@ -205,6 +205,7 @@ class DiffusionTrainer(Harness):
                 "img_size": self.cfg.img_size, "ema": self.ema.state_dict()["module"], "step": self.step,
                 "epoch": self.epoch, "best_val_loss": self.best, "config": self.config,
                 "train_cpu_s": self.train_cpu_s, "train_wall_s": self.train_wall_s,
+                "train_machine": self.machine.summary(),
                 "training_data": {"data_dir": self.cfg.data_dir, "dataset_fingerprint": self.config["dataset_fingerprint"],
                                   "n_train": len(self.train), "image_hashes": self.train_hashes}}
 

@@ -28,6 +28,7 @@ import torch
 from common.checkpoint import load_resumable, rng_state, save_checkpoint, set_rng_state
 from common.distributed import DistInfo, all_reduce_mean, barrier, broadcast_flag
 from common.errors import UserError
+from common.machine import MachineLog, machine_stats
 from common.precision import autocast, grad_scaler, memory_stats
 from common.progress import progress_bar
 from common.tracking import Tracker
@@ -50,6 +51,7 @@ class Harness:
         self.bad_vals = 0
         self.val_history: list[list[float]] = []
         self.train_cpu_s = self.train_wall_s = 0.0
+        self.machine = MachineLog()   # load average and matmul speed at every log record, averaged over the run
         self.finished = False
         self.last_val: float | None = None
         self.gen = torch.Generator(device=device)
@@ -153,7 +155,8 @@ class Harness:
             "perm": self.perm, "pos": self.pos, "gen": self.gen.get_state(), "order_gen": self.order_gen.get_state(),
             "rng": rng_state(), "step": self.step, "epoch": self.epoch, "best": self.best, "best_step": self.best_step,
             "bad_vals": self.bad_vals, "val_history": self.val_history, "train_cpu_s": self.train_cpu_s,
-            "train_wall_s": self.train_wall_s, "finished": self.finished, "config": self.config,
+            "train_wall_s": self.train_wall_s, "machine": self.machine.state_dict(), "finished": self.finished,
+            "config": self.config,
             **self.state_extra()}
 
     def save_last(self) -> None:
@@ -185,6 +188,7 @@ class Harness:
         self.val_history = [list(v) for v in ckpt.get("val_history", [])]
         self.train_cpu_s = float(ckpt.get("train_cpu_s", 0.0))
         self.train_wall_s = float(ckpt.get("train_wall_s", 0.0))
+        self.machine.load_state_dict(ckpt.get("machine", {}))
         self.finished = bool(ckpt.get("finished", False))
         self.load_state_extra(ckpt)
         self.run.log(f"resumed from {path} at step {self.step} (epoch {self.epoch})")
@@ -356,6 +360,10 @@ class Harness:
                                "lr": self.lr_sched.get_last_lr()[0], "s_per_step": dt / n,
                                "img_per_s": n * self.global_batch * self.optim.gradient_accumulation_steps / dt,
                                "world_size": self.dist.world_size, "time": time.time(), **memory_stats(self.device)}
+        if self.dist.is_main:   # outside the timed step: neither the budget clock nor s_per_step counts it
+            sample = machine_stats(self.device)
+            self.machine.add(sample)
+            rec.update(sample)
         rec.update(self.record_extra(rec))
         self.run.stats(rec)
         self.tracker.log(rec, self.step)
