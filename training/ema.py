@@ -54,8 +54,8 @@ class EMA:
 
 
 class PowerEMA(EMA):
-    """A power-function EMA of relative width ``std`` (sigma_rel of EDM2; 0.05-0.15 is the range that paper found
-    best); no warm-up is needed, as the first update copies the weights."""
+    """A power-function EMA of relative width ``std`` (EDM2's sigma_rel: the standard deviation of its averaging
+    profile as a fraction of the run); no warm-up is needed, as the first update copies the weights."""
 
     def __init__(self, model: nn.Module, std: float):
         super().__init__(model, decay=0.0, warmup=False)
