@@ -226,11 +226,12 @@ def test_report_states_the_seed_spread_and_the_ema_lengths(tmp_path, capsys):
     assert abs(spread["30"]["kid_range"] - 0.0037) < 1e-9 and spread["30"]["steps"] == [2200, 2180, 2190]
     mean = (0.0913 + 0.0950 + 0.0930) / 3
     sd = (sum((k - mean) ** 2 for k in (0.0913, 0.0950, 0.0930)) / 2) ** 0.5
-    assert abs(spread["30"]["seed_sd_estimate"] - sd) < 1e-9
+    assert abs(spread["30"]["seed_sd_estimate"] - sd) < 1e-9 and abs(spread["30"]["kid_mean"] - mean) < 1e-12
     assert spread["30"]["morphology_w1"] == [0.5, 0.45, 0.48]  # the lesion-shape yardstick beside KID's
     best = res["best_at_headline_budget"]         # the lowest KID at 30 min leads current by 0.0013 < 0.0037
     assert best["recipe"] == "attn_none" and abs(best["kid_ratio_vs_current"] - 0.0900 / 0.0913) < 1e-12
     assert best["kid_ratio_vs_peer"] is None and best["lead_over_current_exceeds_seed_spread"] is False
+    assert abs(best["kid_ratio_vs_current_seed_mean"] - 0.0900 / mean) < 1e-12   # against all three seeds
     # the conditions each evaluation trained under: CPU seconds per step, share of the wall clock, recorded load
     head = res["recipes"]["attn_none"]
     assert head["cpu_s_per_step"] == pytest.approx(1800.0 / 2200) and head["cpu_share"] == pytest.approx(0.5)
@@ -242,6 +243,7 @@ def test_report_states_the_seed_spread_and_the_ema_lengths(tmp_path, capsys):
     assert "| recipe, budget | EMA 0.999 | EMA 0.99 | EMA std0.15 |" in out
     assert "| current_seed1, 30 min | 0.0950 ± 0.0020 | 0.0990 ± 0.0020 | 0.0890 ± 0.0020 |" in out
     assert "range 0.0037" in out and "lesion-shape W1 0.500, 0.450, 0.480" in out
+    assert f"Lowest KID at 30 min: attn_none 0.0900 (0.99x current, {0.0900 / mean:.2f}x current seed mean)" in out
     assert "| attn_none | 30 | 2200 | 0.0900 ± 0.0020 |" in out and "| 0.818 (0.50) |" in out
 
 
