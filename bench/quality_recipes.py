@@ -24,9 +24,10 @@ PRESET = "configs/busbra_evidence.yaml"
 BENCH_FLAGS = ["--lr_scheduler", "constant_with_warmup", "--max_steps", "10000000", "--sample_every", "0",
                "--val_every", "10000000", "--save_every", "200", "--log_every", "50",
                "--extra_ema_decays", "0.99,0.995"]
-# the preset's EMA first; then extra_ema_decays, then the power-function EMAs that current_seed3 tracks
-POWER_EMA_STDS = "0.05,0.15,0.25"
-EMA_VARIANTS = ("0.999", "0.99", "0.995", *(f"std{w}" for w in POWER_EMA_STDS.split(",")))
+# the preset's EMA first; then extra_ema_decays, then the power-function EMAs that current_seed3 tracks, named as
+# the trainer keys them in a snapshot's extra_emas (f"{decay:g}", f"std{width:g}")
+POWER_EMA_STDS = (0.05, 0.15, 0.25)
+EMA_VARIANTS = ("0.999", "0.99", "0.995", *(f"std{w:g}" for w in POWER_EMA_STDS))
 PEER_CHANNELS = "24,48,48,96"                 # diffusers UNet2DModel at the preset's FLOPs per step (87.5 vs 89.5 G)
 
 
@@ -51,10 +52,12 @@ RECIPES: dict[str, Recipe] = {
     "current_seed2": Recipe("the baseline again with training seed 2: a third seed for the yardstick",
                             ["--seed", "2"], repeats="current"),
     "current_seed3": Recipe("the baseline again with training seed 3, tracking power-function EMAs (EDM2) of "
-                            f"relative widths {POWER_EMA_STDS} beside the preset's: a fourth seed, and EMA "
+                            f"relative widths {','.join(f'{w:g}' for w in POWER_EMA_STDS)} beside the preset's: a "
+                            "fourth seed, and EMA "
                             "lengths compared on one trajectory (the preset's warm-up EMA is itself close to a power "
                             "EMA of width ~0.09 at these step counts)",
-                            ["--seed", "3", "--extra_ema_stds", POWER_EMA_STDS], repeats="current"),
+                            ["--seed", "3", "--extra_ema_stds", ",".join(f"{w:g}" for w in POWER_EMA_STDS)],
+                            repeats="current"),
     "peer": Recipe("diffusers UNet2DModel (24-48-48-96, attention at 8x8) at equal FLOPs per step, same loss and loop",
                    ["--arch", "UNet2DPeer", "--peer_channels", PEER_CHANNELS]),
     "edm": Recipe("EDM parameterisation: preconditioning, log-normal sigma, EDM loss weight; EDM DPM-Solver++",
