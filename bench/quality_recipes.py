@@ -58,6 +58,11 @@ RECIPES: dict[str, Recipe] = {
                             "EMA of width ~0.09 at these step counts)",
                             ["--seed", "3", "--extra_ema_stds", ",".join(f"{w:g}" for w in POWER_EMA_STDS)],
                             repeats="current"),
+    "current_seed4": Recipe("the baseline again with training seed 4: trained side by side with `small` in one "
+                            "sitting, its same-load yardstick", ["--seed", "4"], repeats="current"),
+    "small": Recipe("a quarter of the FLOPs per step: width 24 (24-48-48-96 at patch 2, ~2.8M parameters), so "
+                    "more steps in the same minutes; which model size a CPU-hour favours",
+                    ["--model_channels", "24", "--seed", "4"]),
     "peer": Recipe("diffusers UNet2DModel (24-48-48-96, attention at 8x8) at equal FLOPs per step, same loss and loop",
                    ["--arch", "UNet2DPeer", "--peer_channels", PEER_CHANNELS]),
     "edm": Recipe("EDM parameterisation: preconditioning, log-normal sigma, EDM loss weight; EDM DPM-Solver++",
