@@ -55,8 +55,54 @@ def power_fit(points: Sequence[tuple[float, float]]) -> dict[str, float] | None:
             "rms_residual_log10": float(np.sqrt(np.mean(resid ** 2))), "n_points": len(pts)}
 
 
+def carry_over(path: str | Path, s: Setup, recipes: Sequence[str], results: dict[str, Any]) -> dict[str, Any]:
+    """Add to ``results`` the evaluations of an earlier report (its JSON) that the work folder lacks, for
+    ``recipes`` only, and return that report's sampler groups and a summary. The work folder's own evaluations
+    always win. This keeps what was measured when the work folder is gone (a new machine) while new recipes are
+    added: the earlier report must have been measured like this one (same device kind, image size, N and, where
+    this work folder has an evaluation to compare with, the same real-data KID floor, i.e. the same prepared
+    data), otherwise the tables would mix incomparable numbers and the report is refused."""
+    path = Path(path)
+    try:
+        prev = json.loads(path.read_text())
+        table = prev["recipes"]
+        floor = float(prev["kid_floor"])
+        assert isinstance(table, dict)
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        raise UserError(f"--carry_over {path}: not a report JSON written by bench/quality.py") from None
+    theirs = {"device kind": "cpu" if prev.get("device", "cpu") == "cpu" else "gpu",
+              "image size": prev.get("img_size"), "N": prev.get("n_samples")}
+    ours = {"device kind": "gpu" if s.on_gpu else "cpu", "image size": s.img_size, "N": s.n_samples}
+    own = [rec for recs in results.values() for rec in recs.values()]
+    if own:
+        theirs["real-data KID floor"], ours["real-data KID floor"] = floor, own[0]["kid_floor"]
+    for what, want in ours.items():
+        have = theirs[what]
+        if have != want and not (isinstance(want, float) and have is not None and abs(have - want) <= 1e-9):
+            raise UserError(f"--carry_over {path}: measured at {what} {have}, this report at {want}: its numbers do "
+                            "not compare with these (another dataset, preparation or setting); leave it out")
+    n = 0
+    for r in recipes:
+        for m, by_ema in (table.get(r) or {}).get("by_budget", {}).items():
+            for ema, e in by_ema.items():
+                key = f"{float(m):g}/{ema}"
+                if key in results.get(r, {}):
+                    continue
+                machine = {"load_1min_mean": e.get("train_load_1min_mean"),
+                           "probe_gflops_mean": e.get("train_probe_gflops_mean")}
+                results.setdefault(r, {})[key] = {**e, "minutes": float(m), "ema": ema, "train_machine": machine,
+                                                  "carried_over": True}
+                n += 1
+    samplers = {k: v for k, v in (prev.get("samplers") or {}).items() if k.rsplit(" ", 2)[0] in recipes}
+    return {"samplers": samplers,
+            "summary": {"from": str(path), "created": prev.get("created"), "evaluations": n,
+                        "note": "evaluations marked carried_over come from this earlier report (their work folder "
+                                "is gone); measured at the same N, image size and real-data floor"}}
+
+
 def report(args, s: Setup, recipes: Sequence[str]) -> dict[str, Any]:
     results = collect(s, recipes)
+    carried = carry_over(args.carry_over, s, recipes, results) if getattr(args, "carry_over", None) else None
     if not results:
         raise UserError(f"{s.work / 'eval'}: nothing evaluated yet for {', '.join(recipes)}; run the evaluate phase")
     img_size = s.img_size
@@ -86,6 +132,9 @@ def report(args, s: Setup, recipes: Sequence[str]) -> dict[str, Any]:
     if best:
         res["best_at_headline_budget"] = best
     samplers = sampler_groups(s, recipes, results)
+    if carried:
+        samplers = {**carried["samplers"], **samplers}
+        res["carried_over"] = carried["summary"]
     if samplers:
         res["samplers"] = samplers
         res["samplers_note"] = "every sampler draws the same N from the same snapshot, so KID and FID compare"
@@ -121,6 +170,8 @@ def recipe_table(results: dict[str, Any], flops: dict[str, int], headline_budget
             machine = rec.get("train_machine") or {}
             entry["train_load_1min_mean"] = machine.get("load_1min_mean")
             entry["train_probe_gflops_mean"] = machine.get("probe_gflops_mean")
+            if rec.get("carried_over"):
+                entry["carried_over"] = True
             by_budget.setdefault(f"{rec['minutes']:g}", {})[rec["ema"]] = entry
         cands = [float(m) for m, v in by_budget.items() if primary in v and float(m) <= headline_budget]
         best_m = max(cands) if cands else max(float(m) for m in by_budget)
@@ -205,7 +256,7 @@ def sampler_groups(s: Setup, recipes: Sequence[str], results: dict[str, Any]) ->
             group = samplers.setdefault(f"{r} {rec['minutes']:g} min", {})
             group[sampler_label(rec["sampler"])] = {k: rec[k] for k in SAMPLER_KEYS + ("s_per_sample",)}
             default = results.get(r, {}).get(f"{rec['minutes']:g}/{primary}")
-            if default and default["n"] == rec["n"]:   # the evaluate phase's draw is the default sampler's entry
+            if default and default["n"] == rec["n"] and not default.get("carried_over"):   # the evaluate phase's draw is the default sampler's entry
                 d = default.get("sampler") or default_sampler()   # older metrics files do not name it
                 group[f"{sampler_label(d)} (default)"] = {
                     **{k: default[k] for k in SAMPLER_KEYS},

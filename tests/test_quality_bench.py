@@ -247,6 +247,62 @@ def test_report_states_the_seed_spread_and_the_ema_lengths(tmp_path, capsys):
     assert "| attn_none | 30 | 2200 | 0.0900 ± 0.0020 |" in out and "| 0.818 (0.50) |" in out
 
 
+def test_report_carries_over_an_earlier_reports_evaluations_only_when_they_compare(tmp_path, capsys):
+    """A work folder lost (a new machine): the report regenerated with --carry_over keeps the earlier report's
+    evaluations of the recipes asked for (marked), lets the work folder's own evaluations win, keeps the sampler
+    groups, and refuses an earlier report measured against another real-data floor."""
+    import argparse
+    sys.path.insert(0, str(ROOT))
+    from bench import quality
+    from common.errors import UserError
+
+    old = tmp_path / "old"
+    metrics(old / "eval" / "current" / "min30_ema0.999", 30, 0.0913, 500, 2200)
+    metrics(old / "eval" / "current" / "min60_ema0.999", 60, 0.0759, 500, 4383)
+    metrics(old / "eval" / "current" / "min60_ema0.999_ddim-50-1.5", 60, 0.075, 500, 4383,
+            {"name": "ddim", "steps": 50, "guidance": 1.5})
+    metrics(old / "eval" / "peer" / "min60_ema0.999", 60, 0.0800, 500, 4000, wall_s=4000.0,
+            machine={"load_1min_mean": 2.0, "probe_gflops_mean": 150.0, "samples": 9})
+    metrics(old / "eval" / "small" / "min60_ema0.999", 60, 0.0700, 500, 9000)   # replaced by the new run below
+    first = str(tmp_path / "first.json")
+    before = quality.report(argparse.Namespace(headline_budget=60.0, winner="current", output=first),
+                            quality.Setup(tmp_path / "data", old, 500, False, 1), ["current", "peer", "small"])
+    new = tmp_path / "new"                     # a new machine: only the new runs' evaluations are here
+    metrics(new / "eval" / "small" / "min60_ema0.999", 60, 0.0650, 500, 9500)
+    metrics(new / "eval" / "current_seed4" / "min60_ema0.999", 60, 0.0850, 500, 3000)
+    s = quality.Setup(tmp_path / "data", new, 500, False, 1)
+    args = argparse.Namespace(headline_budget=60.0, winner="current", output=str(tmp_path / "second.json"),
+                              carry_over=first)
+    res = quality.report(args, s, ["current", "current_seed4", "peer", "small"])
+    assert set(res["recipes"]) == {"current", "current_seed4", "peer", "small"}
+    assert res["recipes"]["small"]["kid"] == 0.0650 and "carried_over" not in res["recipes"]["small"]   # own wins
+    cur = res["recipes"]["current"]["by_budget"]
+    assert cur["30"]["0.999"]["kid"] == 0.0913 and cur["60"]["0.999"]["carried_over"] is True
+    for key in ("kid", "steps", "flops", "cpu_s_per_step", "fid", "morphology_w1"):    # carried unchanged
+        assert cur["60"]["0.999"][key] == before["recipes"]["current"]["by_budget"]["60"]["0.999"][key]
+    assert res["recipes"]["peer"]["train_probe_gflops_mean"] == 150.0
+    assert res["carried_over"]["evaluations"] == 3 and res["carried_over"]["from"] == first
+    assert res["samplers"] == before["samplers"]
+    assert res["seed_spread"]["current"]["60"]["recipes"] == ["current", "current_seed4"]
+    assert res["kid_ratio_winner_vs_peer"] == pytest.approx(0.0759 / 0.0800)
+    # only the recipes asked for are carried
+    only = quality.report(argparse.Namespace(headline_budget=60.0, winner="", output=str(tmp_path / "third.json"),
+                                             carry_over=first), s, ["small"])
+    assert set(only["recipes"]) == {"small"} and only["carried_over"]["evaluations"] == 0
+    # another real-data floor (another preparation of the data): refused, nothing written
+    other = json.loads(Path(first).read_text())
+    other["kid_floor"] = 0.0009
+    Path(first).write_text(json.dumps(other))
+    args.output = str(tmp_path / "fourth.json")
+    with pytest.raises(UserError, match="real-data KID floor 0.0009"):
+        quality.report(args, s, ["current", "small"])
+    assert not Path(args.output).exists()
+    args.carry_over = str(tmp_path / "missing.json")
+    with pytest.raises(UserError, match="not a report JSON"):
+        quality.report(args, s, ["current"])
+    capsys.readouterr()
+
+
 def test_the_train_phase_warns_when_the_jobs_oversubscribe_the_cores():
     """The CPU-minute clock buys fewer steps when more threads run than there are cores: the train phase says so."""
     sys.path.insert(0, str(ROOT))
