@@ -63,6 +63,10 @@ RECIPES: dict[str, Recipe] = {
     "small": Recipe("a quarter of the FLOPs per step: width 24 (24-48-48-96 at patch 2, ~2.8M parameters), so "
                     "more steps in the same minutes; which model size a CPU-hour favours",
                     ["--model_channels", "24", "--seed", "4"]),
+    "small_seed5": Recipe("`small` again with training seed 5: whether its difference from the baseline holds at "
+                          "another seed", ["--model_channels", "24", "--seed", "5"], repeats="small"),
+    "tiny": Recipe("a ninth of the FLOPs per step: width 16 (16-32-32-64 at patch 2, ~1.3M parameters); the next "
+                   "point on the model-size axis below `small`", ["--model_channels", "16", "--seed", "4"]),
     "peer": Recipe("diffusers UNet2DModel (24-48-48-96, attention at 8x8) at equal FLOPs per step, same loss and loop",
                    ["--arch", "UNet2DPeer", "--peer_channels", PEER_CHANNELS]),
     "edm": Recipe("EDM parameterisation: preconditioning, log-normal sigma, EDM loss weight; EDM DPM-Solver++",
