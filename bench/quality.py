@@ -95,10 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="minutes at which the winner is compared with current and peer (report phase)")
     p.add_argument("--output", default=str(QUALITY_JSON), help="results JSON (report phase)")
     p.add_argument("--carry_over", default=None, metavar="JSON",
-                   help="report phase: take the evaluations of --recipes that the work folder lacks from an earlier "
-                        "report (e.g. the committed bench/quality.json), marked carried_over, so a report made after "
-                        "the work folder was lost keeps them; refused if that report was measured at another N, "
-                        "image size, device kind or real-data floor")
+                   help="report phase: take the --recipes that the work folder has not evaluated at all (whole "
+                        "recipes: a curve never mixes two runs) from an earlier report, e.g. the committed "
+                        "bench/quality.json, marked carried_over, so a report made after the work folder was lost "
+                        "keeps them; refused if that report was measured at another N, image size, device kind or "
+                        "real-data floor")
     p.add_argument("--quick", action="store_true",
                    help="the whole path on a small phantom in about a minute: checks that it runs, measures nothing")
     p.add_argument("--list", action="store_true", help="print the recipes and exit")

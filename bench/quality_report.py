@@ -56,9 +56,9 @@ def power_fit(points: Sequence[tuple[float, float]]) -> dict[str, float] | None:
 
 
 def carry_over(path: str | Path, s: Setup, recipes: Sequence[str], results: dict[str, Any]) -> dict[str, Any]:
-    """Add to ``results`` the evaluations of an earlier report (its JSON) that the work folder lacks, for
-    ``recipes`` only, and return that report's sampler groups and a summary. The work folder's own evaluations
-    always win. This keeps what was measured when the work folder is gone (a new machine) while new recipes are
+    """Add to ``results`` the evaluations of an earlier report (its JSON) of the ``recipes`` that the work folder
+    has none of, and return that report's sampler groups for them and a summary. A recipe is carried whole or not
+    at all, so its curve always comes from one training run: one the work folder has evaluated is its own. This keeps what was measured when the work folder is gone (a new machine) while new recipes are
     added: the earlier report must have been measured like this one (same device kind, image size, N and, where
     this work folder has an evaluation to compare with, the same real-data KID floor, i.e. the same prepared
     data), otherwise the tables would mix incomparable numbers and the report is refused."""
@@ -82,20 +82,19 @@ def carry_over(path: str | Path, s: Setup, recipes: Sequence[str], results: dict
             raise UserError(f"--carry_over {path}: measured at {what} {have}, this report at {want}: its numbers do "
                             "not compare with these (another dataset, preparation or setting); leave it out")
     n = 0
-    for r in recipes:
-        for m, by_ema in (table.get(r) or {}).get("by_budget", {}).items():
+    carried = [r for r in recipes if r not in results and r in table]
+    for r in carried:
+        for m, by_ema in table[r].get("by_budget", {}).items():
             for ema, e in by_ema.items():
                 key = f"{float(m):g}/{ema}"
-                if key in results.get(r, {}):
-                    continue
                 machine = {"load_1min_mean": e.get("train_load_1min_mean"),
                            "probe_gflops_mean": e.get("train_probe_gflops_mean")}
                 results.setdefault(r, {})[key] = {**e, "minutes": float(m), "ema": ema, "train_machine": machine,
                                                   "carried_over": True}
                 n += 1
-    samplers = {k: v for k, v in (prev.get("samplers") or {}).items() if k.rsplit(" ", 2)[0] in recipes}
+    samplers = {k: v for k, v in (prev.get("samplers") or {}).items() if k.rsplit(" ", 2)[0] in carried}
     return {"samplers": samplers,
-            "summary": {"from": str(path), "created": prev.get("created"), "evaluations": n,
+            "summary": {"from": str(path), "created": prev.get("created"), "recipes": carried, "evaluations": n,
                         "note": "evaluations marked carried_over come from this earlier report (their work folder "
                                 "is gone); measured at the same N, image size and real-data floor"}}
 

@@ -249,7 +249,8 @@ def test_report_states_the_seed_spread_and_the_ema_lengths(tmp_path, capsys):
 
 def test_report_carries_over_an_earlier_reports_evaluations_only_when_they_compare(tmp_path, capsys):
     """A work folder lost (a new machine): the report regenerated with --carry_over keeps the earlier report's
-    evaluations of the recipes asked for (marked), lets the work folder's own evaluations win, keeps the sampler
+    evaluations of the recipes asked for (marked) that the work folder has not evaluated, whole recipes only (a
+    recipe the work folder has is its own run, never mixed with an older run's budgets), keeps their sampler
     groups, and refuses an earlier report measured against another real-data floor."""
     import argparse
     sys.path.insert(0, str(ROOT))
@@ -263,7 +264,8 @@ def test_report_carries_over_an_earlier_reports_evaluations_only_when_they_compa
             {"name": "ddim", "steps": 50, "guidance": 1.5})
     metrics(old / "eval" / "peer" / "min60_ema0.999", 60, 0.0800, 500, 4000, wall_s=4000.0,
             machine={"load_1min_mean": 2.0, "probe_gflops_mean": 150.0, "samples": 9})
-    metrics(old / "eval" / "small" / "min60_ema0.999", 60, 0.0700, 500, 9000)   # replaced by the new run below
+    metrics(old / "eval" / "small" / "min60_ema0.999", 60, 0.0700, 500, 9000)   # an older run of small: the
+    metrics(old / "eval" / "small" / "min30_ema0.999", 30, 0.0800, 500, 4500)   # new run below replaces it whole
     first = str(tmp_path / "first.json")
     before = quality.report(argparse.Namespace(headline_budget=60.0, winner="current", output=first),
                             quality.Setup(tmp_path / "data", old, 500, False, 1), ["current", "peer", "small"])
@@ -276,12 +278,14 @@ def test_report_carries_over_an_earlier_reports_evaluations_only_when_they_compa
     res = quality.report(args, s, ["current", "current_seed4", "peer", "small"])
     assert set(res["recipes"]) == {"current", "current_seed4", "peer", "small"}
     assert res["recipes"]["small"]["kid"] == 0.0650 and "carried_over" not in res["recipes"]["small"]   # own wins
+    assert list(res["recipes"]["small"]["by_budget"]) == ["60"]          # not the older run's 30 minutes
     cur = res["recipes"]["current"]["by_budget"]
     assert cur["30"]["0.999"]["kid"] == 0.0913 and cur["60"]["0.999"]["carried_over"] is True
     for key in ("kid", "steps", "flops", "cpu_s_per_step", "fid", "morphology_w1"):    # carried unchanged
         assert cur["60"]["0.999"][key] == before["recipes"]["current"]["by_budget"]["60"]["0.999"][key]
     assert res["recipes"]["peer"]["train_probe_gflops_mean"] == 150.0
     assert res["carried_over"]["evaluations"] == 3 and res["carried_over"]["from"] == first
+    assert res["carried_over"]["recipes"] == ["current", "peer"]
     assert res["samplers"] == before["samplers"]
     assert res["seed_spread"]["current"]["60"]["recipes"] == ["current", "current_seed4"]
     assert res["kid_ratio_winner_vs_peer"] == pytest.approx(0.0759 / 0.0800)
