@@ -63,6 +63,8 @@ RECIPES: dict[str, Recipe] = {
     "small": Recipe("a quarter of the FLOPs per step: width 24 (24-48-48-96 at patch 2, ~2.8M parameters), so "
                     "more steps in the same minutes; which model size a CPU-hour favours",
                     ["--model_channels", "24", "--seed", "4"]),
+    "current_seed5": Recipe("the baseline again with training seed 5: trained side by side with `small_seed5`, the "
+                            "model-size pair's second replicate", ["--seed", "5"], repeats="current"),
     "small_seed5": Recipe("`small` again with training seed 5: whether its difference from the baseline holds at "
                           "another seed", ["--model_channels", "24", "--seed", "5"], repeats="small"),
     "tiny": Recipe("a ninth of the FLOPs per step: width 16 (16-32-32-64 at patch 2, ~1.3M parameters); the next "
