@@ -58,18 +58,20 @@ def power_fit(points: Sequence[tuple[float, float]]) -> dict[str, float] | None:
 def carry_over(path: str | Path, s: Setup, recipes: Sequence[str], results: dict[str, Any]) -> dict[str, Any]:
     """Add to ``results`` the evaluations of an earlier report (its JSON) of the ``recipes`` that the work folder
     has none of, and return that report's sampler groups for them and a summary. A recipe is carried whole or not
-    at all, so its curve always comes from one training run: one the work folder has evaluated is its own. This keeps what was measured when the work folder is gone (a new machine) while new recipes are
-    added: the earlier report must have been measured like this one (same device kind, image size, N and, where
-    this work folder has an evaluation to compare with, the same real-data KID floor, i.e. the same prepared
-    data), otherwise the tables would mix incomparable numbers and the report is refused."""
+    at all, so its curve always comes from one training run: one the work folder has evaluated is its own. This
+    keeps what was measured when the work folder is gone (a new machine) while new recipes are added. The earlier
+    report must have been measured like this one (same device kind, image size, N and, where this work folder has
+    an evaluation to compare with, the same real-data KID floor, i.e. the same prepared data); otherwise the
+    tables would mix incomparable numbers, and the report is refused."""
     path = Path(path)
     try:
         prev = json.loads(path.read_text())
         table = prev["recipes"]
         floor = float(prev["kid_floor"])
-        assert isinstance(table, dict)
-    except (OSError, ValueError, KeyError, TypeError, AssertionError):
-        raise UserError(f"--carry_over {path}: not a report JSON written by bench/quality.py") from None
+    except (OSError, ValueError, KeyError, TypeError):
+        table = None
+    if not isinstance(table, dict):
+        raise UserError(f"--carry_over {path}: not a report JSON written by bench/quality.py")
     theirs = {"device kind": "cpu" if prev.get("device", "cpu") == "cpu" else "gpu",
               "image size": prev.get("img_size"), "N": prev.get("n_samples")}
     ours = {"device kind": "gpu" if s.on_gpu else "cpu", "image size": s.img_size, "N": s.n_samples}
@@ -255,7 +257,7 @@ def sampler_groups(s: Setup, recipes: Sequence[str], results: dict[str, Any]) ->
             group = samplers.setdefault(f"{r} {rec['minutes']:g} min", {})
             group[sampler_label(rec["sampler"])] = {k: rec[k] for k in SAMPLER_KEYS + ("s_per_sample",)}
             default = results.get(r, {}).get(f"{rec['minutes']:g}/{primary}")
-            if default and default["n"] == rec["n"] and not default.get("carried_over"):   # the evaluate phase's draw is the default sampler's entry
+            if default and default["n"] == rec["n"]:   # the evaluate phase's draw is the default sampler's entry
                 d = default.get("sampler") or default_sampler()   # older metrics files do not name it
                 group[f"{sampler_label(d)} (default)"] = {
                     **{k: default[k] for k in SAMPLER_KEYS},
