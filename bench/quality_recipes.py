@@ -27,6 +27,7 @@ BENCH_FLAGS = ["--lr_scheduler", "constant_with_warmup", "--max_steps", "1000000
 # the preset's EMA first; then extra_ema_decays, then the power-function EMAs that current_seed3 tracks, named as
 # the trainer keys them in a snapshot's extra_emas (f"{decay:g}", f"std{width:g}")
 POWER_EMA_STDS = (0.05, 0.15, 0.25)
+POWER_EMA_STDS_FLAG = ",".join(f"{w:g}" for w in POWER_EMA_STDS)   # --extra_ema_stds as the recipe passes it
 EMA_VARIANTS = ("0.999", "0.99", "0.995", *(f"std{w:g}" for w in POWER_EMA_STDS))
 PEER_CHANNELS = "24,48,48,96"                 # diffusers UNet2DModel at the preset's FLOPs per step (87.5 vs 89.5 G)
 
@@ -52,11 +53,11 @@ RECIPES: dict[str, Recipe] = {
     "current_seed2": Recipe("the baseline again with training seed 2: a third seed for the yardstick",
                             ["--seed", "2"], repeats="current"),
     "current_seed3": Recipe("the baseline again with training seed 3, tracking power-function EMAs (EDM2) of "
-                            f"relative widths {','.join(f'{w:g}' for w in POWER_EMA_STDS)} beside the preset's: a "
+                            f"relative widths {POWER_EMA_STDS_FLAG} beside the preset's: a "
                             "fourth seed, and EMA "
                             "lengths compared on one trajectory (the preset's warm-up EMA is itself close to a power "
                             "EMA of width ~0.09 at these step counts)",
-                            ["--seed", "3", "--extra_ema_stds", ",".join(f"{w:g}" for w in POWER_EMA_STDS)],
+                            ["--seed", "3", "--extra_ema_stds", POWER_EMA_STDS_FLAG],
                             repeats="current"),
     "current_seed4": Recipe("the baseline again with training seed 4: trained side by side with `small` in one "
                             "sitting, its same-load yardstick", ["--seed", "4"], repeats="current"),

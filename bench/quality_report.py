@@ -83,7 +83,6 @@ def carry_over(path: str | Path, s: Setup, recipes: Sequence[str], results: dict
         if have != want and not (isinstance(want, float) and have is not None and abs(have - want) <= 1e-9):
             raise UserError(f"--carry_over {path}: measured at {what} {have}, this report at {want}: its numbers do "
                             "not compare with these (another dataset, preparation or setting); leave it out")
-    n = 0
     carried = [r for r in recipes if r not in results and r in table]
     for r in carried:
         for m, by_ema in table[r].get("by_budget", {}).items():
@@ -93,10 +92,10 @@ def carry_over(path: str | Path, s: Setup, recipes: Sequence[str], results: dict
                            "probe_gflops_mean": e.get("train_probe_gflops_mean")}
                 results.setdefault(r, {})[key] = {**e, "minutes": float(m), "ema": ema, "train_machine": machine,
                                                   "carried_over": True}
-                n += 1
     samplers = {k: v for k, v in (prev.get("samplers") or {}).items() if k.rsplit(" ", 2)[0] in carried}
     return {"samplers": samplers,
-            "summary": {"from": str(path), "created": prev.get("created"), "recipes": carried, "evaluations": n,
+            "summary": {"from": str(path), "created": prev.get("created"), "recipes": carried,
+                        "evaluations": sum(len(results[r]) for r in carried),
                         "note": "evaluations marked carried_over come from this earlier report (their work folder "
                                 "is gone); measured at the same N, image size and real-data floor"}}
 
@@ -377,7 +376,8 @@ def markdown_table(res: dict[str, Any]) -> str:
     for base, by_budget in res.get("seed_spread", {}).items():
         for m, v in by_budget.items():
             each = ", ".join(f"{k:.4f} ({name}, {n} steps)" for name, k, n in zip(v["recipes"], v["kid"], v["steps"]))
-            lines.append(f"\nSeed spread ({base}, {m} min): KID {each}; mean {v['kid_mean']:.4f}, range {v['kid_range']:.4f}, "
+            lines.append(f"\nSeed spread ({base}, {m} min): KID {each}; mean {v['kid_mean']:.4f}, "
+                         f"range {v['kid_range']:.4f}, "
                          f"against a KID subset std of ~{max(v['kid_subset_std']):.4f}"
                          + ("; lesion-shape W1 " + ", ".join(f"{w:.3f}" for w in v["morphology_w1"])
                             if "morphology_w1" in v else "")
@@ -385,7 +385,8 @@ def markdown_table(res: dict[str, Any]) -> str:
     best = res.get("best_at_headline_budget")
     if best:
         ratios = ", ".join(f"{best[f'kid_ratio_vs_{o}']:.2f}x {o.replace('_', ' ')}"
-                           for o in ("current", "current_seed_mean", "peer") if best.get(f"kid_ratio_vs_{o}") is not None)
+                           for o in ("current", "current_seed_mean", "peer")
+                           if best.get(f"kid_ratio_vs_{o}") is not None)
         verdict = ""
         if "lead_over_current_exceeds_seed_spread" in best:
             word = "exceeds" if best["lead_over_current_exceeds_seed_spread"] else "is within"
