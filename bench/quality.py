@@ -8,7 +8,8 @@ command exits 2 at the end naming what failed):
   train      every recipe is train_medsegdiff.py on the same prepared dataset (BUS-BRA at 64 px, patient-grouped
              official folds), from configs/busbra_evidence.yaml plus the recipe's flags, with a constant learning
              rate after warm-up, until --budgets' largest value in training minutes; EMA weights are saved at every
-             budget (snapshots/min<M>.pth), with two more EMA lengths beside the preset's. Minutes are CPU minutes
+             budget (snapshots/min<M>.pth), with two more EMA lengths beside the preset's. A recipe whose rate
+             decays over the budget (lr_cosine, lr_wsd) is a point at the largest budget only. Minutes are CPU minutes
              of the training steps (--budget_clock cpu: one thread = one core-minute), so a recipe's budget
              depends little on what else runs, as long as the jobs' threads do not exceed the cores: with 4 jobs on
              2 cores the same recipe reached 10% fewer steps in 30 CPU-minutes (time-sharing costs CPU time too),
@@ -201,12 +202,25 @@ def oversubscription(jobs: int, threads: int, cores: int | None) -> str:
     return ""
 
 
+def started_budget(s: Setup, recipe: str) -> float | None:
+    """The budget a recipe's run was started for (None: not started, or no budget recorded)."""
+    try:
+        return float(json.loads((s.run_dir(recipe) / "config.json").read_text())["budget_minutes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def train(args, s: Setup, recipes: Sequence[str], budgets: Sequence[float]) -> list[str]:
     tasks = []
     for r in recipes:
-        if all(s.snapshot(r, b).is_file() for b in budgets):
+        mine = s.recipe_budgets(r, budgets)
+        if all(s.snapshot(r, b).is_file() for b in mine):
             continue
-        tasks.append((f"train {r}", train_argv(s, r, budgets), s.work / "logs" / f"train_{r}.log"))
+        if mine != list(budgets) and (trained := started_budget(s, r)) not in (None, max(mine)):
+            raise UserError(f"{r}: its learning rate decays over the budget, and its run in {s.run_dir(r)} was "
+                            f"started for {trained:g} minutes, not {max(mine):g}; continuing it would restart the "
+                            f"decay, so use another --work_dir for that budget")
+        tasks.append((f"train {r}", train_argv(s, r, mine), s.work / "logs" / f"train_{r}.log"))
     warning = "" if s.on_gpu else oversubscription(min(args.jobs, len(tasks)), s.threads, os.cpu_count())
     if warning:
         print(warning, flush=True)

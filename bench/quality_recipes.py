@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -37,6 +37,9 @@ class Recipe:
     what: str
     flags: list[str] = field(default_factory=list)
     repeats: str = ""    # another recipe this one repeats at a different training seed (the report's seed spread)
+    # the learning rate decays over the whole budget: a snapshot at a smaller budget is mid-decay, not what a run
+    # of that length would give, so the recipe trains to the largest budget and is a point there only
+    decays_to_budget: bool = False
 
 
 # The recipes are changes to the preset as it stood when the benchmark ran (lr 5e-4, the binary mask); every recipe
@@ -70,6 +73,14 @@ RECIPES: dict[str, Recipe] = {
                           "another seed", ["--model_channels", "24", "--seed", "5"], repeats="small"),
     "tiny": Recipe("a ninth of the FLOPs per step: width 16 (16-32-32-64 at patch 2, ~1.3M parameters); the next "
                    "point on the model-size axis below `small`", ["--model_channels", "16", "--seed", "4"]),
+    "lr_cosine": Recipe("the preset's own schedule: cosine decay of the learning rate to zero at the end of the budget "
+                        "(every other recipe keeps a constant rate after warm-up, as a run ended by time had to); "
+                        "seed 4, against `current_seed4`",
+                        ["--lr_scheduler", "cosine", "--seed", "4"], decays_to_budget=True),
+    "lr_wsd": Recipe("warm-up-stable-decay: the constant rate, then a linear decay to zero over the budget's last "
+                     "quarter (Hägele et al. 2024); seed 4, identical to `current_seed4` until the decay starts",
+                     ["--lr_scheduler", "warmup_stable_decay", "--lr_decay_fraction", "0.25", "--seed", "4"],
+                     decays_to_budget=True),
     "peer": Recipe("diffusers UNet2DModel (24-48-48-96, attention at 8x8) at equal FLOPs per step, same loss and loop",
                    ["--arch", "UNet2DPeer", "--peer_channels", PEER_CHANNELS]),
     "edm": Recipe("EDM parameterisation: preconditioning, log-normal sigma, EDM loss weight; EDM DPM-Solver++",
@@ -128,6 +139,12 @@ class Setup:
 
     def bench_flags(self) -> list[str]:
         return [*BENCH_FLAGS, "--budget_clock", self.clock, "--device", self.device]
+
+    def recipe_budgets(self, recipe: str, budgets: Sequence[float]) -> list[float]:
+        """The budgets at which ``recipe`` is measured: all of them, or only the largest for a recipe whose learning
+        rate decays over the budget."""
+        r = RECIPES.get(recipe)
+        return [max(budgets)] if r is not None and r.decays_to_budget and not self.quick else list(budgets)
 
     def run_dir(self, recipe: str) -> Path:
         return self.work / "runs" / recipe

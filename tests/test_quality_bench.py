@@ -128,6 +128,30 @@ def test_recipes_resolve_to_the_benchmarked_baseline_whatever_the_preset_became(
     assert set(RECIPES) >= {"current_seed2", "mask_sdf_seed2"}
 
 
+def test_a_recipe_whose_rate_decays_over_the_budget_is_a_point_at_the_largest_budget_only(tmp_path):
+    """lr_cosine's snapshot at 15 of a 60-minute run is mid-decay, not a 15-minute cosine run: it trains to the
+    largest budget with that one snapshot, its schedule reaches the run's flags, and a run started for another
+    budget is refused rather than continued with a restarted decay."""
+    sys.path.insert(0, str(ROOT))
+    from bench import quality
+    from bench.quality_recipes import PRESET
+    from common.cli import config_from_flags
+    from training.config import DiffusionTrainConfig
+
+    s = quality.Setup(tmp_path / "data", tmp_path / "work", 500, False, 1)
+    assert s.recipe_budgets("lr_cosine", [15, 30, 60]) == [60] and s.recipe_budgets("current", [15, 60]) == [15, 60]
+    argv = quality.train_argv(s, "lr_wsd", s.recipe_budgets("lr_wsd", [15, 30, 60]))
+    assert argv[argv.index("--snapshot_minutes") + 1] == "60" and argv[argv.index("--budget_minutes") + 1] == "60"
+    optim = config_from_flags(DiffusionTrainConfig, ["--config", str(ROOT / PRESET), *argv[2:]]).optim
+    assert (optim.lr_scheduler, optim.lr_decay_fraction) == ("warmup_stable_decay", 0.25)
+    run = s.run_dir("lr_cosine")
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"budget_minutes": 30.0}))
+    args = quality.build_parser().parse_args(["--jobs", "1"])
+    with pytest.raises(quality.UserError, match="started for 30 minutes, not 60"):
+        quality.train(args, s, ["lr_cosine"], [15, 30, 60])
+
+
 def test_an_extra_ema_equal_to_the_preset_ema_is_not_a_second_result(tmp_path):
     """Under the warm-up cap, decays 0.999 and 0.998 are the same weights until step 4490: the benchmark must not
     evaluate and report them as two EMA lengths; a decay the cap lets through (0.99 after 890 steps) differs."""

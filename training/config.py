@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from common.options import option
 from models.diffusion import DiffusionConfig
 from training.ema import MAX_POWER_STD
+from training.schedules import SHAPES as LR_SCHEDULERS
 
 SEED_MAX = 2**31 - 1
-LR_SCHEDULERS = ("cosine", "constant_with_warmup", "linear")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 REPORT_TO = ("none", "tensorboard", "wandb")
 
@@ -36,8 +36,12 @@ class OptimConfig:
                                               "larger batch, in less memory)", low=1, high=1024)
     learning_rate: float = option(1e-4, "AdamW peak learning rate (after warm-up)", low=0, low_open=True,
                                   aliases=("--lr",))
-    lr_scheduler: str = option("cosine", "learning-rate schedule after the warm-up (diffusers' get_scheduler names); "
-                               "constant_with_warmup suits runs ended by a time budget", choices=LR_SCHEDULERS)
+    lr_scheduler: str = option("cosine", "learning-rate schedule after the warm-up (diffusers' shapes, plus "
+                               "warmup_stable_decay: the peak rate, then a linear decay to zero over the run's last "
+                               "lr_decay_fraction); it runs over the whole run, whether max_train_steps or "
+                               "budget_minutes ends it (training/schedules.py)", choices=LR_SCHEDULERS)
+    lr_decay_fraction: float = option(0.2, "warmup_stable_decay: the fraction of the run, at its end, over which the "
+                                      "rate decays to zero", low=0, low_open=True, high=1)
     lr_warmup_steps: int = option(500, "linear warm-up steps (at most 5%% of the run)", low=0,
                                   aliases=("--warmup_steps",))
     weight_decay: float = option(0.0, "AdamW weight decay", low=0, high=1)

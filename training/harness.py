@@ -32,6 +32,7 @@ from common.machine import MachineLog, machine_stats
 from common.precision import autocast, grad_scaler, memory_stats
 from common.progress import progress_bar
 from common.tracking import Tracker
+from training.schedules import make_lr_schedule
 
 
 class Harness:
@@ -127,10 +128,10 @@ class Harness:
         self.total_steps = r.max_train_steps or r.num_epochs * self.steps_per_epoch
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=o.learning_rate, weight_decay=o.weight_decay,
                                            betas=(0.9, 0.999), fused=self.device.type in ("cuda", "cpu"))
-        from diffusers.optimization import get_scheduler
         warmup = min(o.lr_warmup_steps, max(1, self.total_steps // 20))
-        self.lr_sched = get_scheduler(o.lr_scheduler, self.optimizer, num_warmup_steps=warmup,
-                                      num_training_steps=self.total_steps)
+        spent = (lambda: self.budget_clock() / (60 * r.budget_minutes)) if r.budget_minutes else None
+        self.lr_sched = make_lr_schedule(self.optimizer, o.lr_scheduler, warmup, self.total_steps, spent,
+                                         o.lr_decay_fraction)
         self.scaler = grad_scaler(self.device, self.precision)
         self.perm = torch.randperm(n_train, generator=self.order_gen)
         self.net = model
