@@ -75,3 +75,17 @@ def test_budget_ended_run_decays_to_zero_at_its_budget(tmp_path):
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))        # falling with the clock
     assert lrs[-1] < 0.1e-3                                 # near zero when the budget ends the run
     assert "training budget of 0.02 minutes reached" in (out / "log.txt").read_text()
+
+
+def test_a_resumed_run_with_a_longer_budget_says_where_its_decay_continues_from(tmp_path):
+    data16, out = make_dataset(tmp_path / "pairs16"), tmp_path / "run"
+    common = ["--data_dir", data16, "--output_dir", str(out), *TINY_MODEL, "--max_steps", "100000",
+              "--warmup_steps", "0", "--budget_clock", "cpu", "--lr_scheduler", "cosine", "--lr", "1e-3"]
+    train_medsegdiff.main([*common, "--budget_minutes", "0.01"])
+    train_medsegdiff.main([*common, "--budget_minutes", "0.02"])
+    log = (out / "log.txt").read_text()
+    # half of the new budget was spent: cosine continues from about half its peak, not from where it had ended
+    line = next(s for s in log.splitlines() if "note: the budget changed from 0.01 to 0.02 minutes" in s)
+    assert 0.3 < float(line.split("continues from ")[1].split(" of its peak")[0]) < 0.7
+    recs = [json.loads(s) for s in (out / "stats.jsonl").read_text().splitlines()]
+    assert recs[-1]["lr"] < 0.1e-3                         # and reaches zero again at the new budget's end

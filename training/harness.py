@@ -145,6 +145,10 @@ class Harness:
     def find_unused_parameters(self) -> bool:
         return False
 
+    def lr_factor_now(self) -> float:
+        """The schedule's multiplier of the peak learning rate at the current step and clock."""
+        return self.lr_sched.lr_lambdas[0](self.step)
+
     # ------------------------------------------------------------------ checkpoints
     def budget_clock(self) -> float:
         return self.train_cpu_s if self.runcfg.budget_clock == "cpu" else self.train_wall_s
@@ -193,6 +197,11 @@ class Harness:
         self.finished = bool(ckpt.get("finished", False))
         self.load_state_extra(ckpt)
         self.run.log(f"resumed from {path} at step {self.step} (epoch {self.epoch})")
+        before = float(ckpt.get("config", {}).get("budget_minutes") or 0.0)
+        if self.optim.lr_scheduler != "constant_with_warmup" and before != self.runcfg.budget_minutes:
+            self.run.log(f"note: the budget changed from {before:g} to {self.runcfg.budget_minutes:g} minutes "
+                         f"(0 = none), and the {self.optim.lr_scheduler} learning rate runs over the run's length: "
+                         f"it continues from {self.lr_factor_now():.3f} of its peak")
         return True
 
     # ------------------------------------------------------------------ one optimiser step
