@@ -65,3 +65,12 @@ def broadcast_flag(flag: bool, info: DistInfo, device: torch.device) -> bool:
     t = torch.tensor([1 if flag else 0], device=device)
     dist.broadcast(t, src=0)
     return bool(t.item())
+
+
+def broadcast_value(value: float, info: DistInfo, device: torch.device) -> float:
+    """Rank 0's number for everyone (e.g. the spent fraction of a time budget, whose clocks differ per process)."""
+    if not info.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(t, src=0)
+    return float(t.item())

@@ -181,7 +181,9 @@ def test_ddp_two_processes_gloo(data16, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(_free_port()), os.path.join(ROOT, "train_medsegdiff.py"), "--data_dir", data16, "--output_dir",
-           str(out), "--max_steps", "4", "--save_every", "2", *TINY_MODEL]
+           str(out), "--max_steps", "4", "--save_every", "2", *TINY_MODEL,
+           # a time budget under a decaying schedule: rank 0's spent fraction is broadcast (the ranks' clocks differ)
+           "--budget_minutes", "10", "--budget_clock", "wall", "--lr_scheduler", "cosine"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -189,3 +191,4 @@ def test_ddp_two_processes_gloo(data16, tmp_path):
     assert all(s["world_size"] == 2 for s in stats if "loss" in s)
     ckpt = load_checkpoint(out / "last.pth")
     assert ckpt["step"] == 4 and json.loads((out / "config.json").read_text())["world_size"] == 2
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] < 1e-4           # decayed (4 steps: the steps end it)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from common.checkpoint import load_resumable, rng_state, save_checkpoint, set_rng_state
-from common.distributed import DistInfo, all_reduce_mean, barrier, broadcast_flag
+from common.distributed import DistInfo, all_reduce_mean, barrier, broadcast_flag, broadcast_value
 from common.errors import UserError
 from common.machine import MachineLog, machine_stats
 from common.precision import autocast, grad_scaler, memory_stats
@@ -52,6 +52,7 @@ class Harness:
         self.bad_vals = 0
         self.val_history: list[list[float]] = []
         self.train_cpu_s = self.train_wall_s = 0.0
+        self.shared_fraction: float | None = None    # budget_fraction's last shared value under DDP
         self.machine = MachineLog()   # load average and matmul speed at every log record, averaged over the run
         self.finished = False
         self.last_val: float | None = None
@@ -129,9 +130,8 @@ class Harness:
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=o.learning_rate, weight_decay=o.weight_decay,
                                            betas=(0.9, 0.999), fused=self.device.type in ("cuda", "cpu"))
         warmup = min(o.lr_warmup_steps, max(1, self.total_steps // 20))
-        spent = (lambda: self.budget_clock() / (60 * r.budget_minutes)) if r.budget_minutes else None
-        self.lr_sched = make_lr_schedule(self.optimizer, o.lr_scheduler, warmup, self.total_steps, spent,
-                                         o.lr_decay_fraction)
+        self.lr_sched = make_lr_schedule(self.optimizer, o.lr_scheduler, warmup, self.total_steps,
+                                         self.budget_fraction if r.budget_minutes else None, o.lr_decay_fraction)
         self.scaler = grad_scaler(self.device, self.precision)
         self.perm = torch.randperm(n_train, generator=self.order_gen)
         self.net = model
@@ -144,6 +144,17 @@ class Harness:
 
     def find_unused_parameters(self) -> bool:
         return False
+
+    def budget_fraction(self) -> float:
+        """The spent fraction of the time budget, which a decaying learning rate follows. Under DDP every process
+        must step at the same rate, but each has its own clock: rank 0's fraction is used, refreshed every
+        log_every steps (as the budget's end is) rather than at the cost of a collective every step."""
+        if not self.dist.enabled:
+            return self.budget_clock() / (60 * self.runcfg.budget_minutes)
+        if self.shared_fraction is None or self.step % self.runcfg.log_every == 0:
+            self.shared_fraction = broadcast_value(self.budget_clock() / (60 * self.runcfg.budget_minutes),
+                                                   self.dist, self.device)
+        return self.shared_fraction
 
     def lr_factor_now(self) -> float:
         """The schedule's multiplier of the peak learning rate at the current step and clock."""
