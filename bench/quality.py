@@ -216,7 +216,7 @@ def train(args, s: Setup, recipes: Sequence[str], budgets: Sequence[float]) -> l
         mine = s.recipe_budgets(r, budgets)
         if all(s.snapshot(r, b).is_file() for b in mine):
             continue
-        if mine != list(budgets) and (trained := started_budget(s, r)) not in (None, max(mine)):
+        if s.decays_to_budget(r) and (trained := started_budget(s, r)) not in (None, max(mine)):
             raise UserError(f"{r}: its learning rate decays over the budget, and its run in {s.run_dir(r)} was "
                             f"started for {trained:g} minutes, not {max(mine):g}; continuing it would restart the "
                             f"decay, so use another --work_dir for that budget")

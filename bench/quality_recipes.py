@@ -140,11 +140,14 @@ class Setup:
     def bench_flags(self) -> list[str]:
         return [*BENCH_FLAGS, "--budget_clock", self.clock, "--device", self.device]
 
+    def decays_to_budget(self, recipe: str) -> bool:
+        r = RECIPES.get(recipe)
+        return r is not None and r.decays_to_budget and not self.quick
+
     def recipe_budgets(self, recipe: str, budgets: Sequence[float]) -> list[float]:
         """The budgets at which ``recipe`` is measured: all of them, or only the largest for a recipe whose learning
         rate decays over the budget."""
-        r = RECIPES.get(recipe)
-        return [max(budgets)] if r is not None and r.decays_to_budget and not self.quick else list(budgets)
+        return [max(budgets)] if self.decays_to_budget(recipe) else list(budgets)
 
     def run_dir(self, recipe: str) -> Path:
         return self.work / "runs" / recipe

@@ -150,6 +150,8 @@ def test_a_recipe_whose_rate_decays_over_the_budget_is_a_point_at_the_largest_bu
     args = quality.build_parser().parse_args(["--jobs", "1"])
     with pytest.raises(quality.UserError, match="started for 30 minutes, not 60"):
         quality.train(args, s, ["lr_cosine"], [15, 30, 60])
+    with pytest.raises(quality.UserError, match="started for 30 minutes, not 60"):   # one budget asked: the same
+        quality.train(args, s, ["lr_cosine"], [60])
 
 
 def test_an_extra_ema_equal_to_the_preset_ema_is_not_a_second_result(tmp_path):

@@ -149,11 +149,11 @@ class Harness:
         """The spent fraction of the time budget, which a decaying learning rate follows. Under DDP every process
         must step at the same rate, but each has its own clock: rank 0's fraction is used, refreshed every
         log_every steps (as the budget's end is) rather than at the cost of a collective every step."""
+        spent = self.budget_clock() / (60 * self.runcfg.budget_minutes)
         if not self.dist.enabled:
-            return self.budget_clock() / (60 * self.runcfg.budget_minutes)
+            return spent
         if self.shared_fraction is None or self.step % self.runcfg.log_every == 0:
-            self.shared_fraction = broadcast_value(self.budget_clock() / (60 * self.runcfg.budget_minutes),
-                                                   self.dist, self.device)
+            self.shared_fraction = broadcast_value(spent, self.dist, self.device)
         return self.shared_fraction
 
     def lr_factor_now(self) -> float:

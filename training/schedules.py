@@ -22,7 +22,15 @@ from typing import Callable
 
 import torch
 
-SHAPES = ("cosine", "constant_with_warmup", "linear", "warmup_stable_decay")
+# the multiplier of the peak learning rate after the warm-up, at progress p (0 to 1) of the run, with the
+# warm-up-stable-decay fraction f
+SHAPE_FACTORS: dict[str, Callable[[float, float], float]] = {
+    "cosine": lambda p, f: 0.5 * (1.0 + math.cos(math.pi * p)),
+    "constant_with_warmup": lambda p, f: 1.0,
+    "linear": lambda p, f: 1.0 - p,
+    "warmup_stable_decay": lambda p, f: min(1.0, (1.0 - p) / f),
+}
+SHAPES = tuple(SHAPE_FACTORS)
 
 
 def run_progress(step: int, warmup: int, total_steps: int, budget_fraction: Callable[[], float] | None) -> float:
@@ -30,19 +38,6 @@ def run_progress(step: int, warmup: int, total_steps: int, budget_fraction: Call
     by_steps = (step - warmup) / max(1, total_steps - warmup)
     by_budget = budget_fraction() if budget_fraction is not None else 0.0
     return min(1.0, max(0.0, by_steps, by_budget))
-
-
-def lr_factor(shape: str, progress: float, decay_fraction: float = 0.2) -> float:
-    """The multiplier of the peak learning rate after the warm-up, at ``progress`` (0 to 1) of the run."""
-    if shape == "constant_with_warmup":
-        return 1.0
-    if shape == "cosine":
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-    if shape == "linear":
-        return max(0.0, 1.0 - progress)
-    if shape == "warmup_stable_decay":
-        return min(1.0, max(0.0, (1.0 - progress) / decay_fraction))
-    raise ValueError(f"unknown learning-rate schedule {shape!r}; known: {', '.join(SHAPES)}")
 
 
 def make_lr_schedule(optimizer: torch.optim.Optimizer, shape: str, warmup_steps: int, total_steps: int,
@@ -56,9 +51,11 @@ def make_lr_schedule(optimizer: torch.optim.Optimizer, shape: str, warmup_steps:
     if not 0 < decay_fraction <= 1:
         raise ValueError(f"decay_fraction must be in (0, 1], got {decay_fraction}")
 
+    shape_factor = SHAPE_FACTORS[shape]
+
     def factor(step: int) -> float:
         if step < warmup_steps:
             return step / max(1, warmup_steps)
-        return lr_factor(shape, run_progress(step, warmup_steps, total_steps, budget_fraction), decay_fraction)
+        return shape_factor(run_progress(step, warmup_steps, total_steps, budget_fraction), decay_fraction)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
