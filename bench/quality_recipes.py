@@ -81,6 +81,13 @@ RECIPES: dict[str, Recipe] = {
                      "quarter (Hägele et al. 2024); seed 4, identical to `current_seed4` until the decay starts",
                      ["--lr_scheduler", "warmup_stable_decay", "--lr_decay_fraction", "0.25", "--seed", "4"],
                      decays_to_budget=True),
+    "lr_cosine_seed5": Recipe("`lr_cosine` again with training seed 5, against `current_seed5` (the constant rate): "
+                              "whether the decay's lead holds at a second seed",
+                              ["--lr_scheduler", "cosine", "--seed", "5"], repeats="lr_cosine", decays_to_budget=True),
+    "small_cosine_seed5": Recipe("the two 60-minute leaders together: width 24 (`small`) with cosine decay to zero at "
+                                 "the budget's end (`lr_cosine`), seed 5; against `lr_cosine_seed5` and `small_seed5`",
+                                 ["--model_channels", "24", "--lr_scheduler", "cosine", "--seed", "5"],
+                                 decays_to_budget=True),
     "peer": Recipe("diffusers UNet2DModel (24-48-48-96, attention at 8x8) at equal FLOPs per step, same loss and loop",
                    ["--arch", "UNet2DPeer", "--peer_channels", PEER_CHANNELS]),
     "edm": Recipe("EDM parameterisation: preconditioning, log-normal sigma, EDM loss weight; EDM DPM-Solver++",
