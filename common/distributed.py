@@ -60,11 +60,7 @@ def all_reduce_mean(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 def broadcast_flag(flag: bool, info: DistInfo, device: torch.device) -> bool:
     """Rank 0's decision for everyone (e.g. 'stop now')."""
-    if not info.enabled:
-        return flag
-    t = torch.tensor([1 if flag else 0], device=device)
-    dist.broadcast(t, src=0)
-    return bool(t.item())
+    return bool(broadcast_value(float(flag), info, device)) if info.enabled else flag
 
 
 def broadcast_value(value: float, info: DistInfo, device: torch.device) -> float:
