@@ -239,7 +239,38 @@ def winner_comparison(table: dict[str, Any], winner: str, headline_budget: float
         scaling["note"] = ("fewer than three points: a line through two says nothing about the trend, so no "
                            "extrapolation" if fit and fit["n_points"] < 3 else
                            "KID does not fall with compute over these points: no extrapolation")
+    seeds = seed_fits(table, winner)
+    if seeds:
+        scaling["seeds"] = seeds
     res["scaling"] = scaling
+    return res
+
+
+def seed_fits(table: dict[str, Any], winner: str) -> dict[str, Any] | None:
+    """The scaling fit again for every training seed of the winner (the winner and the recipes that repeat it)
+    with three or more budgets, and one fit pooled over all their points (a seed with fewer budgets adds its points
+    there). The headline fit is one run's curve; how far the seeds' fits disagree on the FLOPs to KID 0.01 is the
+    spread that one curve cannot show. None when no second seed has been evaluated."""
+    names = [winner] + [n for n, r in RECIPES.items() if r.repeats == winner and n in table and n != winner]
+    pts = {n: [(e["flops"], e["kid"]) for _, e in curve(table[n])] for n in names}
+    pts = {n: p for n, p in pts.items() if p}
+    if len(pts) < 2:
+        return None
+
+    def entry(points):
+        fit = power_fit(points)
+        out: dict[str, Any] = {"n_points": len(points), "fit": fit}
+        if fit and fit["slope"] < 0 and fit["n_points"] >= 3:
+            out["predicted_flops_to_kid_0.01"] = 10 ** ((math.log10(0.01) - fit["log10_kid_intercept"]) / fit["slope"])
+        return out
+    by_seed = {n: entry(p) for n, p in pts.items() if len(p) >= 3}
+    pooled = {**entry([q for p in pts.values() for q in p]), "recipes": list(pts)}
+    need = [v["predicted_flops_to_kid_0.01"] for v in by_seed.values() if "predicted_flops_to_kid_0.01" in v]
+    res: dict[str, Any] = {"by_seed": by_seed, "pooled": pooled}
+    if len(need) >= 2:
+        res["predicted_flops_to_kid_0.01_range"] = [min(need), max(need)]
+    res["note"] = ("each seed's own power-law fit (three or more budgets) and one fit pooled over every seed's points; "
+                   "extrapolations, like the headline fit")
     return res
 
 
@@ -382,6 +413,16 @@ def markdown_table(res: dict[str, Any]) -> str:
                          + ("; lesion-shape W1 " + ", ".join(f"{w:.3f}" for w in v["morphology_w1"])
                             if "morphology_w1" in v else "")
                          + (f"; {v['note']}." if "note" in v else "."))
+    seeds = res.get("scaling", {}).get("seeds")
+    if seeds:   # the scaling fit at each seed of the winner, and pooled
+        def fit_line(name, v):
+            f = v["fit"]
+            need = v.get("predicted_flops_to_kid_0.01")
+            return (f"{name}: slope {f['slope']:.2f} over {v['n_points']} points"
+                    + (f", KID 0.01 at {need:.1e} FLOPs" if need else ", no extrapolation"))
+        lines.append("\nScaling (KID ~ FLOPs^slope, an extrapolation): "
+                     + "; ".join(fit_line(n, v) for n, v in seeds["by_seed"].items())
+                     + "; " + fit_line("pooled over " + ", ".join(seeds["pooled"]["recipes"]), seeds["pooled"]) + ".")
     best = res.get("best_at_headline_budget")
     if best:
         ratios = ", ".join(f"{best[f'kid_ratio_vs_{o}']:.2f}x {o.replace('_', ' ')}"
