@@ -239,39 +239,43 @@ def winner_comparison(table: dict[str, Any], winner: str, headline_budget: float
         scaling["note"] = ("fewer than three points: a line through two says nothing about the trend, so no "
                            "extrapolation" if fit and fit["n_points"] < 3 else
                            "KID does not fall with compute over these points: no extrapolation")
-    seeds = seed_fits(table, winner)
-    if seeds:
-        scaling["seeds"] = seeds
+    scaling.update(scaling_fits(table, winner, on_gpu))
     res["scaling"] = scaling
     return res
 
 
-def seed_fits(table: dict[str, Any], winner: str) -> dict[str, Any] | None:
-    """The scaling fit again for every training seed of the winner (the winner and the recipes that repeat it)
-    with three or more budgets, and one fit pooled over all their points (a seed with fewer budgets adds its points
-    there). The headline fit is one run's curve; how far the seeds' fits disagree on the FLOPs to KID 0.01 is the
-    spread that one curve cannot show. None when no second seed has been evaluated."""
-    names = [winner] + [n for n, r in RECIPES.items() if r.repeats == winner and n in table and n != winner]
-    pts = {n: [(e["flops"], e["kid"]) for _, e in curve(table[n])] for n in names}
-    pts = {n: p for n, p in pts.items() if p}
-    if len(pts) < 2:
-        return None
-
-    def entry(points):
-        fit = power_fit(points)
+def scaling_fits(table: dict[str, Any], winner: str, on_gpu: bool = False) -> dict[str, Any]:
+    """The power-law fit again for every recipe evaluated at three or more budgets (each its own training run, so
+    the winner's other seeds give the spread that one curve cannot show, and another recipe's curve says whether it
+    gains faster with compute), and one fit pooled over every seed of the winner (a seed with fewer budgets adds
+    its points there). Each fit's FLOPs to KID 0.01 is also put in that run's own minutes (its FLOPs per budget
+    minute at its largest budget: runs trained on a slower machine take more minutes for the same FLOPs)."""
+    def entry(points, per_min=None):
+        fit = power_fit([(f, k) for _, f, k in points])
         out: dict[str, Any] = {"n_points": len(points), "fit": fit}
         if fit and fit["slope"] < 0 and fit["n_points"] >= 3:
-            out["predicted_flops_to_kid_0.01"] = 10 ** ((math.log10(0.01) - fit["log10_kid_intercept"]) / fit["slope"])
+            need = 10 ** ((math.log10(0.01) - fit["log10_kid_intercept"]) / fit["slope"])
+            out["predicted_flops_to_kid_0.01"] = need
+            if per_min:
+                out[f"predicted_{'gpu' if on_gpu else 'cpu'}_minutes_to_kid_0.01"] = need / per_min
         return out
-    by_seed = {n: entry(p) for n, p in pts.items() if len(p) >= 3}
-    pooled = {**entry([q for p in pts.values() for q in p]), "recipes": list(pts)}
-    need = [v["predicted_flops_to_kid_0.01"] for v in by_seed.values() if "predicted_flops_to_kid_0.01" in v]
-    res: dict[str, Any] = {"by_seed": by_seed, "pooled": pooled}
-    if len(need) >= 2:
-        res["predicted_flops_to_kid_0.01_range"] = [min(need), max(need)]
-    res["note"] = ("each seed's own power-law fit (three or more budgets) and one fit pooled over every seed's points; "
-                   "extrapolations, like the headline fit")
-    return res
+    curves = {n: [(m, e["flops"], e["kid"]) for m, e in curve(rec)] for n, rec in table.items()}
+    by_recipe = {n: entry(p, p[-1][1] / p[-1][0]) for n, p in sorted(curves.items()) if len(p) >= 3}
+    out: dict[str, Any] = {}
+    if len(by_recipe) > 1 or (by_recipe and winner not in by_recipe):
+        out["by_recipe"] = by_recipe
+    seeds = [n for n in [winner] + [n for n, r in RECIPES.items() if r.repeats == winner]
+             if n in table and curves[n]]
+    if len(seeds) > 1:
+        out["pooled_seeds"] = {**entry([q for n in seeds for q in curves[n]]), "recipes": seeds}
+        need = [by_recipe[n]["predicted_flops_to_kid_0.01"] for n in seeds
+                if "predicted_flops_to_kid_0.01" in by_recipe.get(n, {})]
+        if len(need) >= 2:
+            out["predicted_flops_to_kid_0.01_range_over_seeds"] = [min(need), max(need)]
+    if out:
+        out["fits_note"] = ("by_recipe: each run's own power-law fit (three or more budgets); pooled_seeds: one fit "
+                            "over every point of every seed of the winner; extrapolations, like the headline fit")
+    return out
 
 
 SAMPLER_KEYS = ("kid", "kid_std", "kid_floor", "fid", "fid_floor", "n", "morphology_w1")
@@ -413,16 +417,20 @@ def markdown_table(res: dict[str, Any]) -> str:
                          + ("; lesion-shape W1 " + ", ".join(f"{w:.3f}" for w in v["morphology_w1"])
                             if "morphology_w1" in v else "")
                          + (f"; {v['note']}." if "note" in v else "."))
-    seeds = res.get("scaling", {}).get("seeds")
-    if seeds:   # the scaling fit at each seed of the winner, and pooled
+    sc = res.get("scaling", {})
+    if sc.get("by_recipe") or sc.get("pooled_seeds"):   # the fit at each run with three or more budgets, and pooled
+        gpu = res.get("device", "cpu") != "cpu"
+
         def fit_line(name, v):
-            f = v["fit"]
-            need = v.get("predicted_flops_to_kid_0.01")
+            f, need = v["fit"], v.get("predicted_flops_to_kid_0.01")
+            mins = next((x for k, x in v.items() if k.endswith("_minutes_to_kid_0.01")), None)
             return (f"{name}: slope {f['slope']:.2f} over {v['n_points']} points"
-                    + (f", KID 0.01 at {need:.1e} FLOPs" if need else ", no extrapolation"))
-        lines.append("\nScaling (KID ~ FLOPs^slope, an extrapolation): "
-                     + "; ".join(fit_line(n, v) for n, v in seeds["by_seed"].items())
-                     + "; " + fit_line("pooled over " + ", ".join(seeds["pooled"]["recipes"]), seeds["pooled"]) + ".")
+                    + (f", KID 0.01 at {need:.1e} FLOPs" if need else ", no extrapolation")
+                    + (f", ~{mins / 2880:.0f} days of 2 cores at its rate" if mins and not gpu else ""))
+        fits = [fit_line(n, v) for n, v in sc.get("by_recipe", {}).items()]
+        if "pooled_seeds" in sc:
+            fits.append(fit_line("pooled over " + ", ".join(sc["pooled_seeds"]["recipes"]), sc["pooled_seeds"]))
+        lines.append("\nScaling (KID ~ FLOPs^slope, an extrapolation): " + "; ".join(fits) + ".")
     best = res.get("best_at_headline_budget")
     if best:
         ratios = ", ".join(f"{best[f'kid_ratio_vs_{o}']:.2f}x {o.replace('_', ' ')}"
