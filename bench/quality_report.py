@@ -245,7 +245,7 @@ def winner_comparison(table: dict[str, Any], winner: str, headline_budget: float
 
 
 def scaling_fits(table: dict[str, Any], winner: str, on_gpu: bool = False) -> dict[str, Any]:
-    """The power-law fit again for every recipe evaluated at three or more budgets (each its own training run, so
+    """The power-law fit again for every recipe evaluated at four or more budgets (each its own training run, so
     the winner's other seeds give the spread that one curve cannot show, and another recipe's curve says whether it
     gains faster with compute), and one fit pooled over every seed of the winner (a seed with fewer budgets adds
     its points there). Each fit's FLOPs to KID 0.01 is also put in that run's own minutes (its FLOPs per budget
@@ -260,7 +260,9 @@ def scaling_fits(table: dict[str, Any], winner: str, on_gpu: bool = False) -> di
                 out[f"predicted_{'gpu' if on_gpu else 'cpu'}_minutes_to_kid_0.01"] = need / per_min
         return out
     curves = {n: [(m, e["flops"], e["kid"]) for m, e in curve(rec)] for n, rec in table.items()}
-    by_recipe = {n: entry(p, p[-1][1] / p[-1][0]) for n, p in sorted(curves.items()) if len(p) >= 3}
+    # a run's own curve needs four budgets (as the headline's: three points a factor of four apart extrapolate to
+    # anything); the pooled fit takes every point
+    by_recipe = {n: entry(p, p[-1][1] / p[-1][0]) for n, p in sorted(curves.items()) if len(p) >= 4}
     out: dict[str, Any] = {}
     if len(by_recipe) > 1 or (by_recipe and winner not in by_recipe):
         out["by_recipe"] = by_recipe
@@ -273,7 +275,7 @@ def scaling_fits(table: dict[str, Any], winner: str, on_gpu: bool = False) -> di
         if len(need) >= 2:
             out["predicted_flops_to_kid_0.01_range_over_seeds"] = [min(need), max(need)]
     if out:
-        out["fits_note"] = ("by_recipe: each run's own power-law fit (three or more budgets); pooled_seeds: one fit "
+        out["fits_note"] = ("by_recipe: each run's own power-law fit (four or more budgets); pooled_seeds: one fit "
                             "over every point of every seed of the winner; extrapolations, like the headline fit")
     return out
 
@@ -421,12 +423,15 @@ def markdown_table(res: dict[str, Any]) -> str:
     if sc.get("by_recipe") or sc.get("pooled_seeds"):   # the fit at each run with three or more budgets, and pooled
         gpu = res.get("device", "cpu") != "cpu"
 
+        def days(d):
+            return f"{d:,.0f}" if d < 1e5 else f"{d:.1e}"
+
         def fit_line(name, v):
             f, need = v["fit"], v.get("predicted_flops_to_kid_0.01")
             mins = next((x for k, x in v.items() if k.endswith("_minutes_to_kid_0.01")), None)
             return (f"{name}: slope {f['slope']:.2f} over {v['n_points']} points"
                     + (f", KID 0.01 at {need:.1e} FLOPs" if need else ", no extrapolation")
-                    + (f", ~{mins / 2880:.0f} days of 2 cores at its rate" if mins and not gpu else ""))
+                    + (f", ~{days(mins / 2880)} days of 2 cores at its rate" if mins and not gpu else ""))
         fits = [fit_line(n, v) for n, v in sc.get("by_recipe", {}).items()]
         if "pooled_seeds" in sc:
             fits.append(fit_line("pooled over " + ", ".join(sc["pooled_seeds"]["recipes"]), sc["pooled_seeds"]))
