@@ -88,6 +88,15 @@ RECIPES: dict[str, Recipe] = {
                                  "the budget's end (`lr_cosine`), seed 5; against `lr_cosine_seed5` and `small_seed5`",
                                  ["--model_channels", "24", "--lr_scheduler", "cosine", "--seed", "5"],
                                  decays_to_budget=True),
+    # the same two at twice the budget: a decaying run is one point at its own budget, so they need runs of their own
+    "lr_cosine120_seed5": Recipe("`lr_cosine_seed5` as a 120-minute run: width 48, cosine decay to zero at minute "
+                                 "120, seed 5; against `small_cosine120_seed5` and `current_seed5` at 120",
+                                 ["--lr_scheduler", "cosine", "--seed", "5"], decays_to_budget=True),
+    "small_cosine120_seed5": Recipe("`small_cosine_seed5` as a 120-minute run: width 24, cosine decay to zero at "
+                                    "minute 120, seed 5; whether the narrow network's constant-rate lead at 120 "
+                                    "holds under the presets' schedule",
+                                    ["--model_channels", "24", "--lr_scheduler", "cosine", "--seed", "5"],
+                                    decays_to_budget=True),
     "peer": Recipe("diffusers UNet2DModel (24-48-48-96, attention at 8x8) at equal FLOPs per step, same loss and loop",
                    ["--arch", "UNet2DPeer", "--peer_channels", PEER_CHANNELS]),
     "edm": Recipe("EDM parameterisation: preconditioning, log-normal sigma, EDM loss weight; EDM DPM-Solver++",

@@ -260,8 +260,8 @@ def scaling_fits(table: dict[str, Any], winner: str, on_gpu: bool = False) -> di
                 out[f"predicted_{'gpu' if on_gpu else 'cpu'}_minutes_to_kid_0.01"] = need / per_min
         return out
     curves = {n: [(m, e["flops"], e["kid"]) for m, e in curve(rec)] for n, rec in table.items()}
-    # a run's own curve needs four budgets (as the headline's: three points a factor of four apart extrapolate to
-    # anything); the pooled fit takes every point
+    # a run's own curve needs four budgets: three points a factor of four apart extrapolate to almost anything (a
+    # seed whose KID rose from 30 to 60 minutes fits a slope of -0.04); the pooled fit takes every point
     by_recipe = {n: entry(p, p[-1][1] / p[-1][0]) for n, p in sorted(curves.items()) if len(p) >= 4}
     out: dict[str, Any] = {}
     if len(by_recipe) > 1 or (by_recipe and winner not in by_recipe):
