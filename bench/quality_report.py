@@ -55,6 +55,14 @@ def power_fit(points: Sequence[tuple[float, float]]) -> dict[str, float] | None:
             "rms_residual_log10": float(np.sqrt(np.mean(resid ** 2))), "n_points": len(pts)}
 
 
+def flops_at_kid(fit: dict[str, float], kid: float) -> float:
+    """Where a power fit (``power_fit``) reaches ``kid``: its extrapolated training FLOPs."""
+    return 10 ** ((math.log10(kid) - fit["log10_kid_intercept"]) / fit["slope"])
+
+
+CORE_MINUTES_PER_DAY = 2 * 1440   # a day of the 2-core development machine, one thread per core
+
+
 def carry_over(path: str | Path, s: Setup, recipes: Sequence[str], results: dict[str, Any]) -> dict[str, Any]:
     """Add to ``results`` the evaluations of an earlier report (its JSON) of the ``recipes`` that the work folder
     has none of, and return that report's sampler groups for them and a summary. A recipe is carried whole or not
@@ -209,8 +217,7 @@ def winner_comparison(table: dict[str, Any], winner: str, headline_budget: float
     scaling = {"points": [{"minutes": m, "flops": f, "kid": k} for m, f, k in pts], "fit": fit,
                "floor_band_kid": band}
     if fit and fit["slope"] < 0 and fit["n_points"] >= 3:   # two points fit any line exactly: no extrapolation
-        need = 10 ** ((math.log10(band) - fit["log10_kid_intercept"]) / fit["slope"])
-        need_001 = 10 ** ((math.log10(0.01) - fit["log10_kid_intercept"]) / fit["slope"])
+        need, need_001 = flops_at_kid(fit, band), flops_at_kid(fit, 0.01)
         scaling["predicted_flops_to_floor"] = need
         scaling["predicted_flops_to_kid_0.01"] = need_001
         # the same extrapolation in this machine's time: training FLOPs per budget minute at the largest budget;
@@ -220,7 +227,7 @@ def winner_comparison(table: dict[str, Any], winner: str, headline_budget: float
         scaling[f"predicted_{clock}_minutes_to_kid_0.01"] = need_001 / per_min
         scaling[f"predicted_{clock}_minutes_to_floor"] = need / per_min
         if not on_gpu:
-            scaling["kid_0.01_within_a_2_core_day"] = need_001 / per_min <= 2 * 1440
+            scaling["kid_0.01_within_a_2_core_day"] = need_001 / per_min <= CORE_MINUTES_PER_DAY
         # an extrapolation: the same number of optimiser steps at the larger size, FLOPs per step x pixels
         # (same network on 4x / 16x the pixels); an H100 at 30% of its dense bf16 peak (989 TFLOP/s)
         gpu = 0.3 * 989e12
@@ -254,8 +261,7 @@ def scaling_fits(table: dict[str, Any], winner: str, on_gpu: bool = False) -> di
         fit = power_fit([(f, k) for _, f, k in points])
         out: dict[str, Any] = {"n_points": len(points), "fit": fit}
         if fit and fit["slope"] < 0 and fit["n_points"] >= 3:
-            need = 10 ** ((math.log10(0.01) - fit["log10_kid_intercept"]) / fit["slope"])
-            out["predicted_flops_to_kid_0.01"] = need
+            need = out["predicted_flops_to_kid_0.01"] = flops_at_kid(fit, 0.01)
             if per_min:
                 out[f"predicted_{'gpu' if on_gpu else 'cpu'}_minutes_to_kid_0.01"] = need / per_min
         return out
@@ -420,18 +426,14 @@ def markdown_table(res: dict[str, Any]) -> str:
                             if "morphology_w1" in v else "")
                          + (f"; {v['note']}." if "note" in v else "."))
     sc = res.get("scaling", {})
-    if sc.get("by_recipe") or sc.get("pooled_seeds"):   # the fit at each run with three or more budgets, and pooled
-        gpu = res.get("device", "cpu") != "cpu"
-
-        def days(d):
-            return f"{d:,.0f}" if d < 1e5 else f"{d:.1e}"
-
+    if sc.get("by_recipe") or sc.get("pooled_seeds"):   # the fit at each run with four or more budgets, and pooled
         def fit_line(name, v):
-            f, need = v["fit"], v.get("predicted_flops_to_kid_0.01")
-            mins = next((x for k, x in v.items() if k.endswith("_minutes_to_kid_0.01")), None)
-            return (f"{name}: slope {f['slope']:.2f} over {v['n_points']} points"
+            need, mins = v.get("predicted_flops_to_kid_0.01"), v.get("predicted_cpu_minutes_to_kid_0.01")
+            d = mins / CORE_MINUTES_PER_DAY if mins else None
+            return (f"{name}: slope {v['fit']['slope']:.2f} over {v['n_points']} points"
                     + (f", KID 0.01 at {need:.1e} FLOPs" if need else ", no extrapolation")
-                    + (f", ~{days(mins / 2880)} days of 2 cores at its rate" if mins and not gpu else ""))
+                    + (f", ~{d:,.0f} days of 2 cores at its rate" if d and d < 1e5 else
+                       f", ~{d:.1e} days of 2 cores at its rate" if d else ""))
         fits = [fit_line(n, v) for n, v in sc.get("by_recipe", {}).items()]
         if "pooled_seeds" in sc:
             fits.append(fit_line("pooled over " + ", ".join(sc["pooled_seeds"]["recipes"]), sc["pooled_seeds"]))
